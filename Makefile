@@ -1,0 +1,32 @@
+# The README's two commands: `make demo` (set up + main job) and `make test` (set up + tests).
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.installed
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(STAMP)
+
+# pip (not uv/poetry): it takes torch 2.14.1 + torchvision 0.29.1 from the machine's local wheels.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[convert,demo,dev]'
+	$(PY) -m pip check
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m bdpruning.cli demo --out runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf runs build *.egg-info .pytest_cache

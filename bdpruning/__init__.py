@@ -1,0 +1,37 @@
+"""bdpruning: prune the channels that clean data leaves dormant to remove BadNet backdoors.
+
+The public API reads like the task::
+
+    model = bdpruning.load_model("bd_net.h5")
+    ranking = bdpruning.rank_channels(model, clean_valid, layer="pool_3")
+    bdpruning.prune_channels(model, layer="conv_3", channels=ranking.order[:45])
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .data import H5ImageSet, read_h5_dataset
+from .errors import BdpruningError
+from .layers import find_layer, layer_names
+from .loading import load_model
+from .masks import plain_state_dict, prune_channels, pruned_channels
+from .modelio import model_info, save_model_dir
+from .models import DeepID
+
+__all__ = [
+    "BdpruningError",
+    "DeepID",
+    "H5ImageSet",
+    "find_layer",
+    "layer_names",
+    "load_model",
+    "model_info",
+    "plain_state_dict",
+    "prune_channels",
+    "pruned_channels",
+    "read_h5_dataset",
+    "save_model_dir",
+]
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())

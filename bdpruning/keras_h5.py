@@ -1,0 +1,235 @@
+"""Reading Keras 2 ``.h5`` files with h5py alone (no TensorFlow, never any embedded code).
+
+Two layouts are accepted: a full model (``model_config`` attribute + ``model_weights`` group,
+as the course ships ``bd_net.h5``) and a weights-only file (``save_weights``). Layers that
+carry code (``Lambda``) or are not built into Keras are refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from .atomic import atomic_file
+from .errors import BdpruningError, file_error
+from .models.deepid import DeepID
+
+__all__ = [
+    "KerasH5",
+    "read_keras_h5",
+    "deepid_from_keras",
+    "deepid_state_dict",
+    "write_deepid_weights",
+    "fits_deepid",
+]
+
+#: Built-in Keras layers bdpruning accepts in a model file. Anything else (``Lambda``, custom
+#: classes) would need code from the file or from the user to load, and is refused.
+BUILTIN_LAYERS = frozenset(
+    """InputLayer Conv1D Conv2D Conv3D DepthwiseConv2D SeparableConv2D Conv2DTranspose Dense
+    MaxPooling1D MaxPooling2D MaxPooling3D AveragePooling1D AveragePooling2D AveragePooling3D
+    GlobalAveragePooling1D GlobalAveragePooling2D GlobalMaxPooling1D GlobalMaxPooling2D Flatten
+    Reshape Permute Dropout SpatialDropout2D GaussianNoise BatchNormalization LayerNormalization
+    Activation ReLU LeakyReLU PReLU ELU Softmax ThresholdedReLU Add Subtract Multiply Average
+    Maximum Minimum Concatenate ZeroPadding2D Cropping2D UpSampling2D
+    Functional Model Sequential""".split()
+)
+
+# Keras name -> kernel shape for DeepID (None: any size, the class count).
+_DEEPID_KERNELS: dict[str, tuple[int | None, ...]] = {
+    "conv_1": (4, 4, 3, 20),
+    "conv_2": (3, 3, 20, 40),
+    "conv_3": (3, 3, 40, 60),
+    "conv_4": (2, 2, 60, 80),
+    "fc_1": (1200, 160),
+    "fc_2": (960, 160),
+    "output": (160, None),
+}
+# (H, W, C) of the NHWC tensors that Keras flattens into fc_1 and fc_2.
+_FLATTENED = {"fc_1": (5, 4, 60), "fc_2": (4, 3, 80)}
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+@dataclass
+class KerasH5:
+    """What a Keras ``.h5`` holds: its config (full models only) and weights by layer."""
+
+    path: Path
+    keras_version: str
+    model_config: dict | None
+    layer_names: list[str]
+    weights: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+    @property
+    def is_full_model(self) -> bool:
+        return self.model_config is not None
+
+    def layer_classes(self) -> dict[str, str]:
+        """Layer name -> Keras class name, from the config (empty for weights-only files)."""
+        return {layer["name"]: layer["class_name"] for layer in _config_layers(self.model_config)}
+
+
+def _config_layers(config: dict | None) -> list[dict]:
+    if not config:
+        return []
+    inner = config.get("config", config)
+    layers = inner.get("layers", []) if isinstance(inner, dict) else inner
+    found = []
+    for layer in layers:
+        layer = dict(layer)
+        layer.setdefault("name", layer.get("config", {}).get("name", "?"))
+        found.append(layer)
+        if layer.get("class_name") in ("Functional", "Model", "Sequential"):
+            found.extend(_config_layers(layer))
+    return found
+
+
+def _check_layers(path: Path, config: dict) -> None:
+    for layer in _config_layers(config):
+        cls = layer.get("class_name")
+        if cls == "Lambda":
+            raise file_error(
+                path,
+                f"layer {layer['name']!r} is a Keras Lambda layer: it holds code, and bdpruning "
+                "never executes code embedded in a model file",
+            )
+        if cls not in BUILTIN_LAYERS:
+            raise file_error(
+                path,
+                f"layer {layer['name']!r} has class {cls!r}, which is not a built-in Keras layer "
+                "(custom layers need code that bdpruning will not load)",
+            )
+
+
+def read_keras_h5(path: str | os.PathLike[str]) -> KerasH5:
+    """Read a Keras 2 ``.h5`` (full model or weights only) without TensorFlow."""
+    path = Path(path)
+    if not path.exists():
+        raise file_error(path, "no such file")
+    try:
+        handle = h5py.File(path, "r")
+    except OSError:
+        raise file_error(path, "not an HDF5 file") from None
+    with handle:
+        config = None
+        if "model_config" in handle.attrs:
+            try:
+                config = json.loads(_text(handle.attrs["model_config"]))
+            except json.JSONDecodeError:
+                raise file_error(path, "'model_config' is not valid JSON") from None
+            _check_layers(path, config)
+        group = handle["model_weights"] if "model_weights" in handle else handle
+        if "layer_names" not in group.attrs:
+            raise file_error(
+                path,
+                "HDF5 file without Keras layers (no 'layer_names'); expected a Keras model "
+                "or a file written by save_weights",
+            )
+        names = [_text(n) for n in group.attrs["layer_names"]]
+        weights: dict[str, dict[str, np.ndarray]] = {}
+        for name in names:
+            if name not in group:
+                raise file_error(path, f"layer {name!r} is listed but has no weights group")
+            layer = group[name]
+            arrays = {}
+            for weight_name in (_text(w) for w in layer.attrs.get("weight_names", [])):
+                short = weight_name.rsplit("/", 1)[-1].split(":")[0]
+                arrays[short] = np.asarray(layer[weight_name])
+            weights[name] = arrays
+        version = _text(handle.attrs.get("keras_version", group.attrs.get("keras_version", "?")))
+    return KerasH5(path, version, config, names, weights)
+
+
+def _deepid_mismatch(h5: KerasH5) -> str | None:
+    for name, expected in _DEEPID_KERNELS.items():
+        layer = h5.weights.get(name)
+        if layer is None or "kernel" not in layer or "bias" not in layer:
+            return f"no kernel and bias for layer {name!r}"
+        shape = layer["kernel"].shape
+        if len(shape) != len(expected) or any(e is not None and e != s for e, s in zip(expected, shape)):
+            shown = tuple("N" if e is None else e for e in expected)
+            return f"layer {name!r} has kernel shape {shape}, DeepID expects {shown}"
+    extra = sorted(n for n, w in h5.weights.items() if w and n not in _DEEPID_KERNELS)
+    if extra:
+        return f"weighted layers DeepID does not have: {', '.join(extra)}"
+    return None
+
+
+def fits_deepid(h5: KerasH5) -> bool:
+    """Whether the file's weights (and config, if any) are those of DeepID."""
+    if _deepid_mismatch(h5) is not None:
+        return False
+    classes = h5.layer_classes()
+    return not classes or all(classes.get(n) in ("Conv2D", "Dense") for n in _DEEPID_KERNELS)
+
+
+def deepid_state_dict(h5: KerasH5) -> dict[str, torch.Tensor]:
+    """DeepID's PyTorch state dict from Keras weights (kernels transposed, flatten order fixed)."""
+    state = {}
+    for name in _DEEPID_KERNELS:
+        kernel, bias = h5.weights[name]["kernel"], h5.weights[name]["bias"]
+        if kernel.ndim == 4:  # (kh, kw, in, out) -> (out, in, kh, kw)
+            weight = kernel.transpose(3, 2, 0, 1)
+        elif name in _FLATTENED:  # rows in NHWC flatten order -> columns in NCHW order
+            h, w, c = _FLATTENED[name]
+            weight = kernel.reshape(h, w, c, -1).transpose(2, 0, 1, 3).reshape(h * w * c, -1).T
+        else:
+            weight = kernel.T
+        state[f"{name}.weight"] = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32))
+        state[f"{name}.bias"] = torch.from_numpy(np.ascontiguousarray(bias, dtype=np.float32))
+    return state
+
+
+def deepid_from_keras(path: str | os.PathLike[str], h5: KerasH5 | None = None) -> DeepID:
+    """Build :class:`DeepID` from a Keras ``.h5`` with h5py alone; refuse files that do not fit."""
+    h5 = h5 or read_keras_h5(path)
+    problem = _deepid_mismatch(h5)
+    if problem is not None:
+        raise file_error(path, f"weights do not fit the DeepID architecture: {problem}")
+    num_classes = h5.weights["output"]["kernel"].shape[1]
+    model = DeepID(num_classes)
+    model.load_state_dict(deepid_state_dict(h5))
+    return model.eval()
+
+
+def write_deepid_weights(model: DeepID, template: str | os.PathLike[str], out: str | os.PathLike[str]) -> None:
+    """Write ``model``'s weights into a copy of the Keras ``.h5`` it came from (same layout).
+
+    Users of the original Keras tools load the result exactly as they loaded the template.
+    """
+    template = Path(template)
+    h5 = read_keras_h5(template)
+    if _deepid_mismatch(h5) is not None or h5.weights["output"]["kernel"].shape[1] != model.num_classes:
+        raise BdpruningError(f"{template}: not a DeepID file with {model.num_classes} classes")
+    state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    with atomic_file(out, "wb") as handle:
+        with open(template, "rb") as source:
+            shutil.copyfileobj(source, handle)
+        handle.flush()
+        with h5py.File(handle.name, "r+") as target:
+            group = target["model_weights"] if "model_weights" in target else target
+            for name in _DEEPID_KERNELS:
+                weight, bias = state[f"{name}.weight"], state[f"{name}.bias"]
+                if weight.ndim == 4:
+                    kernel = weight.transpose(2, 3, 1, 0)
+                elif name in _FLATTENED:
+                    h, w, c = _FLATTENED[name]
+                    kernel = weight.T.reshape(c, h, w, -1).transpose(1, 2, 0, 3).reshape(h * w * c, -1)
+                else:
+                    kernel = weight.T
+                layer = group[name]
+                for short, value in (("kernel", kernel), ("bias", bias)):
+                    key = next(_text(w) for w in layer.attrs["weight_names"] if f"/{short}:" in _text(w) or _text(w).startswith(f"{short}:"))
+                    layer[key][...] = value.astype(layer[key].dtype)
+

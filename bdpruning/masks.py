@@ -1,0 +1,73 @@
+"""Structured channel masks on conv layers, with ``torch.nn.utils.prune``'s conventions.
+
+A pruned layer keeps ``weight_orig``/``weight_mask`` (and the same for ``bias``); its forward
+uses ``weight_orig * weight_mask``, so pruned channels output exactly zero and stay zero while
+the model is trained. :func:`plain_state_dict` gives the masked weights under the usual names
+for saving; loading re-applies the masks from the saved channel lists.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from .errors import BdpruningError
+from .layers import find_layer
+
+__all__ = ["prune_channels", "pruned_channels", "plain_state_dict", "channel_count"]
+
+
+def channel_count(module: nn.Module) -> int:
+    """Output channels of a conv (or linear) layer."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
+        raise BdpruningError(f"layer {type(module).__name__} has no weight with output channels")
+    return weight.shape[0]
+
+
+def prune_channels(model: nn.Module, layer: str, channels: Iterable[int]) -> nn.Module:
+    """Zero the output ``channels`` of ``layer`` (kernel and bias) with structured masks.
+
+    Masks accumulate: pruning more channels later keeps the earlier ones pruned. Returns ``model``.
+    """
+    name, module = find_layer(model, layer)
+    count = channel_count(module)
+    channels = sorted({int(c) for c in channels})
+    bad = [c for c in channels if not 0 <= c < count]
+    if bad:
+        raise BdpruningError(f"layer {name!r} has {count} channels; cannot prune {bad}")
+    keep = torch.ones(count, device=module.weight.device)
+    keep[channels] = 0
+    weight_mask = keep.view(-1, *([1] * (module.weight.dim() - 1))).expand_as(module.weight)
+    prune.custom_from_mask(module, "weight", weight_mask.clone())
+    if getattr(module, "bias", None) is not None:
+        prune.custom_from_mask(module, "bias", keep.clone())
+    return model
+
+
+def pruned_channels(model: nn.Module, layer: str) -> list[int]:
+    """Channels of ``layer`` whose kernel and bias are entirely zero."""
+    _, module = find_layer(model, layer)
+    weight = module.weight.detach().flatten(1)
+    zero = (weight == 0).all(dim=1)
+    if getattr(module, "bias", None) is not None:
+        zero &= module.bias.detach() == 0
+    return zero.nonzero().flatten().tolist()
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with masks applied and ``*_orig``/``*_mask`` folded into plain names."""
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.endswith("_mask"):
+            continue
+        if key.endswith("_orig"):
+            key = key[: -len("_orig")]
+            module_name, _, param = key.rpartition(".")
+            module = model.get_submodule(module_name) if module_name else model
+            value = getattr(module, param)
+        state[key] = value.detach().contiguous().cpu()
+    return state

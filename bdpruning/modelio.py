@@ -1,0 +1,168 @@
+"""The model directory: how bdpruning saves and reloads a (possibly pruned) model.
+
+A model directory holds ``model.json`` (architecture, classes, input shape, source and the
+pruned channels), ``model.safetensors`` (weights; loading never executes pickled code) and
+``model.onnx`` (the same model, NCHW float input ``input`` with a dynamic batch, 0..255).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import onnx
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import BdpruningError, file_error
+from .masks import plain_state_dict, prune_channels
+from .models.deepid import DeepID
+
+__all__ = ["ModelInfo", "model_info", "save_model_dir", "load_model_dir", "onnx_to_torch", "export_onnx"]
+
+MODEL_JSON = "model.json"
+WEIGHTS = "model.safetensors"
+ONNX_FILE = "model.onnx"
+FORMAT = "bdpruning-model"
+ONNX_OPSET = 17
+
+
+@dataclass
+class ModelInfo:
+    """What bdpruning knows about a loaded model; kept on the module as ``bdpruning_info``."""
+
+    architecture: str  # "deepid" or "onnx" (an onnx2torch graph)
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    source: str
+    onnx_bytes: bytes | None = field(default=None, repr=False)  # the graph, for "onnx" models
+
+
+def model_info(model: nn.Module) -> ModelInfo:
+    """The :class:`ModelInfo` of a model loaded or built by bdpruning."""
+    info = getattr(model, "bdpruning_info", None)
+    if info is None:
+        if isinstance(model, DeepID):
+            return ModelInfo("deepid", model.num_classes, (3, 55, 47), "DeepID")
+        raise BdpruningError(f"{type(model).__name__} was not loaded by bdpruning.load_model")
+    return info
+
+
+def attach_info(model: nn.Module, info: ModelInfo) -> nn.Module:
+    """Record ``info`` on ``model`` (returns ``model``)."""
+    model.bdpruning_info = info
+    return model
+
+
+def _pruned(model: nn.Module) -> dict[str, list[int]]:
+    pruned = {}
+    for name, module in model.named_modules():
+        mask = getattr(module, "weight_mask", None)
+        if isinstance(mask, torch.Tensor):
+            pruned[name] = (mask.flatten(1) == 0).all(dim=1).nonzero().flatten().tolist()
+    return pruned
+
+
+def onnx_to_torch(proto: onnx.ModelProto, source: str | os.PathLike[str]) -> nn.Module:
+    """Convert an ONNX graph with onnx2torch, naming the unsupported operators on failure."""
+    from onnx2torch import convert
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return convert(proto)
+    except NotImplementedError as exc:
+        raise file_error(source, f"onnx2torch cannot convert this graph: {exc}") from None
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike[str], input_shape: tuple[int, ...]) -> None:
+    """Export ``model`` to ONNX (input ``input``, output ``output``, dynamic batch)."""
+    was_training = model.training
+    model.eval()
+    example = torch.zeros(1, *input_shape, device=next(model.parameters()).device)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (example,), buffer, dynamo=False, opset_version=ONNX_OPSET,
+            input_names=["input"], output_names=["output"],
+            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+        )
+    model.train(was_training)
+    Path(path).write_bytes(buffer.getvalue())
+
+
+def save_model_dir(model: nn.Module, directory: str | os.PathLike[str], extra: dict | None = None) -> Path:
+    """Write the model's files into an existing ``directory`` (callers make it atomic)."""
+    directory = Path(directory)
+    info = model_info(model)
+    meta = {
+        "format": FORMAT,
+        "version": 1,
+        "architecture": info.architecture,
+        "num_classes": info.num_classes,
+        "input_shape": list(info.input_shape),
+        "source": info.source,
+        "pruned": _pruned(model),
+        **(extra or {}),
+    }
+    save_file(plain_state_dict(model), str(directory / WEIGHTS))
+    export_onnx(model, directory / ONNX_FILE, info.input_shape)
+    if info.architecture == "onnx":  # the graph that the weights are loaded into
+        (directory / "graph.onnx").write_bytes(info.onnx_bytes)
+    (directory / MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+    return directory
+
+
+def load_model_dir(directory: str | os.PathLike[str]) -> nn.Module:
+    """Load a model directory written by :func:`save_model_dir` (or by ``bdprune convert``)."""
+    directory = Path(directory)
+    meta_path = directory / MODEL_JSON
+    if not meta_path.exists():
+        raise file_error(directory, f"not a bdpruning model directory (no {MODEL_JSON})")
+    try:
+        meta = json.loads(meta_path.read_text())
+        architecture, num_classes = meta["architecture"], int(meta["num_classes"])
+        input_shape = tuple(int(s) for s in meta["input_shape"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise file_error(meta_path, f"invalid model description ({exc})") from None
+    if meta.get("format") != FORMAT:
+        raise file_error(meta_path, f"format is {meta.get('format')!r}, expected {FORMAT!r}")
+    onnx_bytes = None
+    if architecture == "deepid":
+        model: nn.Module = DeepID(num_classes)
+    elif architecture == "onnx":
+        graph = directory / "graph.onnx"
+        onnx_bytes = graph.read_bytes()
+        model = onnx_to_torch(onnx.load_from_string(onnx_bytes), graph)
+    else:
+        raise file_error(meta_path, f"unknown architecture {architecture!r}")
+    weights = directory / WEIGHTS
+    if not weights.exists():
+        raise file_error(directory, f"missing {WEIGHTS}")
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise file_error(weights, f"cannot read weights ({exc})") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise file_error(weights, f"weights do not fit the {architecture} architecture: {first}") from None
+    for layer, channels in meta.get("pruned", {}).items():
+        if channels:
+            prune_channels(model, layer, channels)
+    info = ModelInfo(architecture, num_classes, input_shape, str(meta.get("source", directory)), onnx_bytes)
+    return attach_info(model.eval(), info)
+
+
+def info_dict(info: ModelInfo) -> dict:
+    """JSON-friendly view of a :class:`ModelInfo`."""
+    data = asdict(info)
+    data.pop("onnx_bytes")
+    return data

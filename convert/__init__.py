@@ -1,0 +1,1 @@
+"""Keras -> ONNX -> PyTorch conversion with numerical parity checks (installed as ``bdpruning.convert``)."""
