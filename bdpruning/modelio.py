@@ -97,8 +97,17 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], input_shape: tup
     Path(path).write_bytes(buffer.getvalue())
 
 
-def save_model_dir(model: nn.Module, directory: str | os.PathLike[str], extra: dict | None = None) -> Path:
-    """Write the model's files into an existing ``directory`` (callers make it atomic)."""
+def save_model_dir(
+    model: nn.Module,
+    directory: str | os.PathLike[str],
+    extra: dict | None = None,
+    onnx_bytes: bytes | None = None,
+) -> Path:
+    """Write the model's files into an existing ``directory`` (callers make it atomic).
+
+    ``model.onnx`` is exported from ``model`` unless ``onnx_bytes`` gives it (the converter
+    keeps tf2onnx's graph, verified against Keras).
+    """
     directory = Path(directory)
     info = model_info(model)
     meta = {
@@ -112,7 +121,10 @@ def save_model_dir(model: nn.Module, directory: str | os.PathLike[str], extra: d
         **(extra or {}),
     }
     save_file(plain_state_dict(model), str(directory / WEIGHTS))
-    export_onnx(model, directory / ONNX_FILE, info.input_shape)
+    if onnx_bytes is None:
+        export_onnx(model, directory / ONNX_FILE, info.input_shape)
+    else:
+        (directory / ONNX_FILE).write_bytes(onnx_bytes)
     if info.architecture == "onnx":  # the graph that the weights are loaded into
         (directory / "graph.onnx").write_bytes(info.onnx_bytes)
     (directory / MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n")

@@ -1,0 +1,31 @@
+"""Batched inference over a data set: top-1 labels, with a progress bar."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import H5ImageSet
+from .devices import resolve_device
+
+__all__ = ["predict_labels"]
+
+
+@torch.inference_mode()
+def predict_labels(
+    model: nn.Module,
+    dataset: H5ImageSet,
+    batch_size: int = 512,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Top-1 labels (int64, CPU) of ``model`` on every image of ``dataset``, in order."""
+    device = resolve_device(device) if device is not None else next(model.parameters()).device
+    model = model.to(device).eval()
+    labels = []
+    batches = dataset.batches(batch_size)
+    total = -(-len(dataset) // batch_size)
+    for images, _ in tqdm(batches, total=total, disable=not progress, desc="predict", leave=False):
+        labels.append(model(images.to(device)).argmax(dim=1).cpu())
+    return torch.cat(labels)
