@@ -11,7 +11,7 @@ from typing import Iterator
 
 from .errors import file_error
 
-__all__ = ["atomic_dir", "atomic_file", "prepare_out_dir"]
+__all__ = ["atomic_dir", "atomic_file", "atomic_path", "prepare_out_dir"]
 
 
 def prepare_out_dir(out: str | os.PathLike[str], force: bool) -> Path:
@@ -54,6 +54,22 @@ def atomic_file(path: str | os.PathLike[str], mode: str = "w") -> Iterator:
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary sibling path to write; it replaces ``path`` only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

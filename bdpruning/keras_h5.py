@@ -18,8 +18,9 @@ import h5py
 import numpy as np
 import torch
 
-from .atomic import atomic_file
+from .atomic import atomic_path
 from .errors import BdpruningError, file_error
+from .masks import plain_state_dict
 from .models.deepid import DeepID
 
 __all__ = [
@@ -212,12 +213,10 @@ def write_deepid_weights(model: DeepID, template: str | os.PathLike[str], out: s
     h5 = read_keras_h5(template)
     if _deepid_mismatch(h5) is not None or h5.weights["output"]["kernel"].shape[1] != model.num_classes:
         raise BdpruningError(f"{template}: not a DeepID file with {model.num_classes} classes")
-    state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-    with atomic_file(out, "wb") as handle:
-        with open(template, "rb") as source:
-            shutil.copyfileobj(source, handle)
-        handle.flush()
-        with h5py.File(handle.name, "r+") as target:
+    state = {k: v.numpy() for k, v in plain_state_dict(model).items()}
+    with atomic_path(out) as tmp:
+        shutil.copyfile(template, tmp)
+        with h5py.File(tmp, "r+") as target:
             group = target["model_weights"] if "model_weights" in target else target
             for name in _DEEPID_KERNELS:
                 weight, bias = state[f"{name}.weight"], state[f"{name}.bias"]
@@ -230,6 +229,8 @@ def write_deepid_weights(model: DeepID, template: str | os.PathLike[str], out: s
                     kernel = weight.T
                 layer = group[name]
                 for short, value in (("kernel", kernel), ("bias", bias)):
-                    key = next(_text(w) for w in layer.attrs["weight_names"] if f"/{short}:" in _text(w) or _text(w).startswith(f"{short}:"))
+                    # Keras 2 names weights "conv_1/kernel:0", Keras 3 "conv_1/kernel"
+                    key = next(_text(w) for w in layer.attrs["weight_names"]
+                               if _text(w).rsplit("/", 1)[-1].split(":")[0] == short)
                     layer[key][...] = value.astype(layer[key].dtype)
 

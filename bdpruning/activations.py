@@ -1,0 +1,85 @@
+"""Per-channel mean activations collected with forward hooks, and the pruning order they give."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import H5ImageSet
+from .errors import BdpruningError
+from .layers import find_layer
+
+__all__ = ["ChannelRanking", "rank_channels", "ranking_from_sums"]
+
+
+@dataclass(frozen=True)
+class ChannelRanking:
+    """Channels of ``layer`` by mean activation on clean data, ascending (ties by index)."""
+
+    layer: str
+    mean_activation: list[float]
+    order: list[int]
+    samples: int
+
+
+def ranking_from_sums(layer: str, sums: torch.Tensor, elements_per_channel: int, samples: int) -> ChannelRanking:
+    """Build the ranking from per-channel activation sums over ``elements_per_channel`` values."""
+    means = (sums.double().cpu() / elements_per_channel).tolist()
+    order = sorted(range(len(means)), key=lambda c: (means[c], c))
+    return ChannelRanking(layer, means, order, samples)
+
+
+class _StopForward(Exception):
+    """Raised by the hook: nothing after the ranked layer is needed."""
+
+
+def channel_sums(output: torch.Tensor) -> torch.Tensor:
+    """Sum of ``output`` (N, C, ...) over every axis but the channel axis, in float64."""
+    if output.dim() < 2:
+        raise BdpruningError(f"layer output has shape {tuple(output.shape)}, expected (N, C, ...)")
+    return output.detach().double().transpose(0, 1).reshape(output.shape[1], -1).sum(dim=1)
+
+
+@torch.inference_mode()
+def rank_channels(
+    model: nn.Module,
+    data: H5ImageSet | Iterable[tuple[torch.Tensor, torch.Tensor]],
+    layer: str = "pool_3",
+    batch_size: int = 512,
+    progress: bool = False,
+) -> ChannelRanking:
+    """Mean activation of each channel of ``layer`` (over images, height and width) on ``data``.
+
+    A forward hook reads the layer's output; the rest of the forward pass is skipped. Runs on
+    the model's device. ``data`` is an :class:`H5ImageSet` or an iterable of ``(images, labels)``.
+    """
+    name, module = find_layer(model, layer)
+    device = next(model.parameters()).device
+    state: dict[str, object] = {"sums": None, "elements": 0, "samples": 0}
+
+    def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        sums = channel_sums(output)
+        state["sums"] = sums if state["sums"] is None else state["sums"] + sums
+        state["elements"] += output.numel() // output.shape[1]
+        state["samples"] += output.shape[0]
+        raise _StopForward
+
+    batches = data.batches(batch_size) if isinstance(data, H5ImageSet) else data
+    total = -(-len(data) // batch_size) if isinstance(data, H5ImageSet) else None
+    handle = module.register_forward_hook(hook)
+    try:
+        model.eval()
+        for images, _ in tqdm(batches, total=total, disable=not progress, desc=f"rank {name}", leave=False):
+            try:
+                model(images.to(device))
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    if state["sums"] is None:
+        raise BdpruningError("no data to rank channels on (empty data set)")
+    return ranking_from_sums(name, state["sums"], state["elements"], state["samples"])

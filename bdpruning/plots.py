@@ -1,0 +1,69 @@
+"""All of bdpruning's plots (matplotlib, PNG). The core never imports this module's backend."""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+__all__ = ["plot_sweep", "plot_activations"]
+
+
+def _save(fig: "plt.Figure", path: str | os.PathLike[str]) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_sweep(
+    fractions: Sequence[float],
+    clean_accuracy: Sequence[float],
+    attack_success_rate: Sequence[float] | None,
+    thresholds: Sequence[tuple[float, float | None]],
+    path: str | os.PathLike[str],
+    layer: str = "conv_3",
+) -> None:
+    """Clean accuracy and ASR (percent) vs fraction of channels pruned; thresholds marked.
+
+    ``thresholds`` holds ``(T, fraction where B'_T was taken or None)``.
+    """
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    percent = [100 * f for f in fractions]
+    ax.plot(percent, clean_accuracy, marker=".", label="clean accuracy")
+    if attack_success_rate is not None:
+        ax.plot(percent, attack_success_rate, marker=".", color="tab:red", label="attack success rate")
+    at: dict[float, list[float]] = {}
+    for threshold, fraction in thresholds:
+        if fraction is not None:
+            at.setdefault(fraction, []).append(threshold)
+    for fraction, reached in at.items():  # one step can cross several thresholds
+        ax.axvline(100 * fraction, color="grey", linestyle="--", linewidth=0.8)
+        label = "/".join(f"-{t:g}" for t in reached) + " pts"
+        ax.annotate(label, (100 * fraction, 2), rotation=90, fontsize=8, color="grey",
+                    xytext=(3, 0), textcoords="offset points")
+    ax.set_xlabel(f"channels of {layer} pruned (%)")
+    ax.set_ylabel("percent")
+    ax.set_ylim(0, 101)
+    ax.set_title("Pruning sweep")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left")
+    _save(fig, path)
+
+
+def plot_activations(
+    order: Sequence[int], mean_activation: Sequence[float], path: str | os.PathLike[str], layer: str = "pool_3"
+) -> None:
+    """Per-channel mean activation of ``layer``, in pruning order (first pruned on the left)."""
+    fig, ax = plt.subplots(figsize=(max(6, len(order) * 0.12), 4))
+    ax.bar(range(len(order)), [mean_activation[c] for c in order], color="tab:blue")
+    step = max(1, len(order) // 30)
+    ax.set_xticks(range(0, len(order), step), [str(order[i]) for i in range(0, len(order), step)],
+                  rotation=90, fontsize=7)
+    ax.set_xlabel("channel (in pruning order)")
+    ax.set_ylabel("mean activation on clean data")
+    ax.set_title(f"{layer}: mean activation per channel")
+    _save(fig, path)

@@ -1,0 +1,97 @@
+"""The whole pruning defense as one call: load, sweep, write results, repaired models and plots."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+from torch import nn
+
+from .atomic import atomic_dir, prepare_out_dir
+from .data import read_h5_dataset
+from .keras_h5 import write_deepid_weights
+from .loading import load_model
+from .masks import prune_channels
+from .modelio import model_info, save_model_dir
+from .results import threshold_dirname, write_sweep_results
+from .sweep import SweepResult, run_sweep
+
+__all__ = ["prune_model", "save_repaired_models"]
+
+log = logging.getLogger(__name__)
+
+
+def _keras_template(model: nn.Module) -> Path | None:
+    info = model_info(model)
+    source = Path(info.source)
+    if info.architecture == "deepid" and source.suffix.lower() in (".h5", ".hdf5") and source.exists():
+        return source
+    return None
+
+
+def save_repaired_models(model: nn.Module, result: SweepResult, directory: Path) -> None:
+    """Save B'_T for every reached threshold: a model directory, plus ``model.h5`` when the
+    model came from a DeepID Keras file (its layout, with the pruned channels zeroed)."""
+    template = _keras_template(model)
+    for hit in result.thresholds:
+        if not hit.reached:
+            continue
+        repaired = prune_channels(copy.deepcopy(model), result.layer, result.ranking.order[: hit.step])
+        target = directory / threshold_dirname(hit.threshold)
+        target.mkdir()
+        save_model_dir(repaired, target, extra={
+            "threshold": hit.threshold, "step": hit.step,
+            "clean_accuracy": hit.clean_accuracy, "attack_success_rate": hit.attack_success_rate,
+        })
+        if template is not None:
+            write_deepid_weights(repaired, template, target / "model.h5")
+    if template is None:
+        log.info("no Keras .h5 written for the repaired models: the source is not a DeepID .h5 file")
+
+
+def prune_model(
+    model_path: str | os.PathLike[str],
+    clean_valid: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    poisoned_valid: str | os.PathLike[str] | None = None,
+    thresholds: Sequence[float] = (2.0, 4.0, 10.0),
+    layer: str = "conv_3",
+    rank_layer: str = "pool_3",
+    full_sweep: bool = False,
+    device: str = "auto",
+    batch_size: int = 1024,
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Run the pruning defense and write everything to ``out`` atomically; return the summary."""
+    from . import plots
+
+    out = prepare_out_dir(out, force)
+    model = load_model(model_path, device=device)
+    info = model_info(model)
+    clean = read_h5_dataset(clean_valid, info.num_classes, info.input_shape)
+    poisoned = read_h5_dataset(poisoned_valid, info.num_classes, info.input_shape) if poisoned_valid else None
+    result = run_sweep(model, clean, poisoned, layer=layer, rank_layer=rank_layer, thresholds=thresholds,
+                       full_sweep=full_sweep, batch_size=batch_size, progress=progress)
+    with atomic_dir(out) as directory:
+        summary = write_sweep_results(result, directory, extra={
+            "model": str(model_path), "clean_valid": str(clean_valid),
+            "poisoned_valid": None if poisoned_valid is None else str(poisoned_valid),
+            "device": str(next(model.parameters()).device),
+        })
+        save_repaired_models(model, result, directory)
+        steps = result.steps
+        plots.plot_sweep(
+            [s.fraction_pruned for s in steps], [s.clean_accuracy for s in steps],
+            None if poisoned is None else [s.attack_success_rate for s in steps],
+            [(h.threshold, h.fraction_pruned) for h in result.thresholds],
+            directory / "accuracy_asr.png", layer=result.layer,
+        )
+        plots.plot_activations(result.ranking.order, result.ranking.mean_activation,
+                               directory / "activations.png", layer=result.rank_layer)
+    log.info("pruning results written to %s", out)
+    return summary

@@ -1,0 +1,241 @@
+"""The pruning sweep: prune channels one at a time in ranking order, record accuracy and ASR.
+
+Reproduces the reference procedure exactly but runs the network once per batch: the model is
+split after the layer where a pruned channel first becomes exactly zero (``pool_3`` for DeepID,
+else the pruned layer itself), the prefix runs once, and each step re-runs only the suffix, and
+only on the images whose pruned channel is non-zero there (the others cannot change).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .activations import ChannelRanking, channel_sums, rank_channels, ranking_from_sums
+from .data import H5ImageSet
+from .errors import BdpruningError
+from .layers import find_layer
+from .masks import channel_count, prune_channels
+from .predict import predict_labels
+from .split import SplitModel, split_at, zero_preserving_path
+
+__all__ = ["SweepStep", "ThresholdHit", "SweepResult", "run_sweep", "naive_sweep_predictions", "sweep_predictions"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SweepStep:
+    """One step: ``channels_pruned`` channels removed, the last being ``channel``."""
+
+    step: int
+    channel: int | None
+    fraction_pruned: float
+    clean_accuracy: float
+    attack_success_rate: float | None
+    accuracy_drop: float
+
+
+@dataclass(frozen=True)
+class ThresholdHit:
+    """Where the accuracy drop first reached ``threshold`` points (``step`` None: never)."""
+
+    threshold: float
+    step: int | None
+    clean_accuracy: float | None = None
+    attack_success_rate: float | None = None
+    fraction_pruned: float | None = None
+
+    @property
+    def reached(self) -> bool:
+        return self.step is not None
+
+
+@dataclass
+class SweepResult:
+    """Everything a sweep measured; ``steps`` stop at the last threshold unless full."""
+
+    layer: str
+    rank_layer: str
+    ranking: ChannelRanking
+    steps: list[SweepStep]
+    thresholds: list[ThresholdHit]
+    clean_samples: int
+    poisoned_samples: int | None
+    masked_at: str
+    full_sweep: bool
+    all_steps: list[SweepStep] = field(repr=False, default_factory=list)
+
+
+def _others(values: Sequence[torch.Tensor], n: int) -> list[bool]:
+    return [isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n for v in values]
+
+
+def _prefix_chunks(split: SplitModel, dataset: H5ImageSet, batch_size: int, device: torch.device,
+                   desc: str, progress: bool) -> Iterator[tuple[tuple, torch.Tensor]]:
+    total = -(-len(dataset) // batch_size)
+    for images, labels in tqdm(dataset.batches(batch_size), total=total, disable=not progress, desc=desc, leave=False):
+        yield split.prefix(images.to(device)), labels.to(device)
+
+
+def _chunk_predictions(suffix: nn.Module, values: tuple, order: Sequence[int]) -> Iterator[torch.Tensor]:
+    """Yield the top-1 labels of one chunk at step 0 (nothing pruned), then after each step."""
+    value, others = values[0], values[1:]
+    n = value.shape[0]
+    batched = _others(others, n)
+    predictions = suffix(value, *others).argmax(dim=1)
+    yield predictions
+    masked = value.clone()
+    for channel in order:
+        active = masked[:, channel].reshape(n, -1).ne(0).any(dim=1).nonzero().squeeze(1)
+        masked[:, channel] = 0
+        if active.numel():
+            rows = [o[active] if b else o for o, b in zip(others, batched)]
+            predictions = predictions.clone()
+            predictions[active] = suffix(masked[active], *rows).argmax(dim=1)
+        yield predictions
+
+
+def _split_for(model: nn.Module, layer: str, rank_layer: str) -> SplitModel:
+    if zero_preserving_path(model, layer, rank_layer):
+        return split_at(model, rank_layer)
+    log.info("pruning %s does not zero %s channels exactly; splitting at %s", layer, rank_layer, layer)
+    return split_at(model, layer)
+
+
+@torch.inference_mode()
+def sweep_predictions(
+    model: nn.Module, dataset: H5ImageSet, order: Sequence[int], layer: str = "conv_3",
+    rank_layer: str = "pool_3", batch_size: int = 1024,
+) -> torch.Tensor:
+    """Top-1 labels after each step, shape ``(len(order) + 1, N)`` (row 0: nothing pruned)."""
+    model.eval()
+    split = _split_for(model, layer, rank_layer)
+    device = next(model.parameters()).device
+    columns = [torch.stack(list(_chunk_predictions(split.suffix, values, order))).cpu()
+               for values, _ in _prefix_chunks(split, dataset, batch_size, device, "sweep", False)]
+    return torch.cat(columns, dim=1)
+
+
+@torch.inference_mode()
+def naive_sweep_predictions(
+    model: nn.Module, dataset: H5ImageSet, order: Sequence[int], layer: str = "conv_3", batch_size: int = 1024,
+) -> torch.Tensor:
+    """The reference procedure: a full forward of the masked model at every step (slow)."""
+    rows = [predict_labels(model, dataset, batch_size)]
+    for step in range(1, len(order) + 1):
+        pruned = prune_channels(copy.deepcopy(model), layer, order[:step])
+        rows.append(predict_labels(pruned, dataset, batch_size))
+    return torch.stack(rows)
+
+
+def _correct_counts(split: SplitModel, dataset: H5ImageSet, order: Sequence[int], batch_size: int,
+                    device: torch.device, cached: list | None, desc: str, progress: bool) -> list[int]:
+    counts = torch.zeros(len(order) + 1, dtype=torch.long, device=device)
+    chunks = cached if cached is not None else _prefix_chunks(split, dataset, batch_size, device, desc, progress)
+    for values, labels in chunks:
+        for step, predictions in enumerate(_chunk_predictions(split.suffix, values, order)):
+            counts[step] += (predictions == labels).sum()
+    return counts.tolist()
+
+
+def _rank_and_cache(split: SplitModel, rank_layer: str, clean: H5ImageSet, batch_size: int,
+                    device: torch.device, cache_bytes: int, progress: bool) -> tuple[ChannelRanking, list | None]:
+    """Rank from the prefix outputs (the rank layer's values) and keep them while they fit."""
+    sums, elements, cached, used = None, 0, [], 0
+    for values, labels in _prefix_chunks(split, clean, batch_size, device, f"rank {rank_layer}", progress):
+        value = values[0]
+        chunk_sums = channel_sums(value)
+        sums = chunk_sums if sums is None else sums + chunk_sums
+        elements += value.numel() // value.shape[1]
+        if cached is not None:
+            used += sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
+            cached = cached + [(values, labels)] if used <= cache_bytes else None
+    return ranking_from_sums(split.node_name, sums, elements, len(clean)), cached
+
+
+def _percent(correct: int, total: int) -> float:
+    return 100.0 * correct / total
+
+
+def find_thresholds(correct: Sequence[int], total: int, thresholds: Sequence[float]) -> list[int | None]:
+    """For each threshold T (points), the first step whose accuracy drop is at least T.
+
+    Computed on integer counts, so a drop of exactly T points counts as reached.
+    """
+    hits = []
+    for threshold in thresholds:
+        t = Fraction(str(threshold))
+        hit = next((k for k in range(1, len(correct)) if (correct[0] - correct[k]) * 100 >= t * total), None)
+        hits.append(hit)
+    return hits
+
+
+def run_sweep(
+    model: nn.Module,
+    clean: H5ImageSet,
+    poisoned: H5ImageSet | None = None,
+    *,
+    layer: str = "conv_3",
+    rank_layer: str = "pool_3",
+    thresholds: Sequence[float] = (2.0, 4.0, 10.0),
+    full_sweep: bool = False,
+    batch_size: int = 1024,
+    cache_bytes: int = 1 << 30,
+    progress: bool = False,
+) -> SweepResult:
+    """Rank ``layer``'s channels on ``clean`` by ``rank_layer``'s mean activation, then prune
+    them one by one, recording clean accuracy and (with ``poisoned``) the attack success rate."""
+    if not thresholds or any(not t > 0 for t in thresholds):
+        raise BdpruningError(f"thresholds must be positive numbers of points, got {list(thresholds)}")
+    model.eval()
+    device = next(model.parameters()).device
+    layer_name, module = find_layer(model, layer)
+    rank_name, _ = find_layer(model, rank_layer)
+    channels = channel_count(module)
+    with torch.inference_mode():
+        probe = rank_channels(model, [(clean.read(0, 1), None)], rank_name)
+    if len(probe.order) != channels:
+        raise BdpruningError(
+            f"rank layer {rank_name!r} has {len(probe.order)} channels but {layer_name!r} has {channels}; "
+            "choose a rank layer fed by the pruned layer"
+        )
+    split = _split_for(model, layer_name, rank_name)
+    with torch.inference_mode():
+        if split.node_name == rank_name:
+            ranking, cached = _rank_and_cache(split, rank_name, clean, batch_size, device, cache_bytes, progress)
+        else:
+            ranking, cached = rank_channels(model, clean, rank_name, batch_size, progress), None
+        clean_correct = _correct_counts(split, clean, ranking.order, batch_size, device, cached, "sweep clean", progress)
+        poisoned_hits = None
+        if poisoned is not None:
+            poisoned_hits = _correct_counts(split, poisoned, ranking.order, batch_size, device, None,
+                                            "sweep poisoned", progress)
+
+    steps = []
+    for k in range(channels + 1):
+        accuracy = _percent(clean_correct[k], len(clean))
+        steps.append(SweepStep(
+            step=k,
+            channel=ranking.order[k - 1] if k else None,
+            fraction_pruned=k / channels,
+            clean_accuracy=accuracy,
+            attack_success_rate=None if poisoned_hits is None else _percent(poisoned_hits[k], len(poisoned)),
+            accuracy_drop=steps[0].clean_accuracy - accuracy if steps else 0.0,
+        ))
+    hits = find_thresholds(clean_correct, len(clean), thresholds)
+    found = [ThresholdHit(t, k, steps[k].clean_accuracy, steps[k].attack_success_rate, steps[k].fraction_pruned)
+             if k is not None else ThresholdHit(t, None) for t, k in zip(thresholds, hits)]
+    last = channels if full_sweep or None in hits else max(hits)
+    for hit in found:
+        if not hit.reached:
+            log.warning("accuracy never dropped by %g points: no repaired model for that threshold", hit.threshold)
+    return SweepResult(layer_name, rank_name, ranking, steps[: last + 1], found, len(clean),
+                       None if poisoned is None else len(poisoned), split.node_name, full_sweep, steps)
