@@ -1,0 +1,189 @@
+"""``build_demo``: the embedded default BadNet and its data, built once and then reused.
+
+A demo directory holds the data files of :data:`~bdpruning.demo.dataset.DATA_FILES`, the
+Keras BadNet ``bd_net.h5`` and ``demo.json`` (the build's parameters, each file's SHA-256,
+the Keras metrics on the test split). A call whose parameters match ``demo.json`` and whose
+files still hash as recorded returns at once, without TensorFlow; any other call rebuilds the
+whole directory atomically (an interrupted build leaves the previous state).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..atomic import atomic_dir
+from ..errors import BdpruningError, file_error
+from ..loading import load_model
+from .dataset import DATA_FILES, DemoData, make_demo_data, write_demo_data
+
+__all__ = ["DemoFiles", "MANIFEST", "MODEL_FILE", "build_demo"]
+
+logger = logging.getLogger(__name__)
+
+#: The BadNet, a full Keras model file as the course's ``bd_net.h5``.
+MODEL_FILE = "bd_net.h5"
+#: The build record: parameters, file hashes, metrics.
+MANIFEST = "demo.json"
+# Bump when the recipe changes (data, trigger, training): older demo directories are rebuilt.
+_RECIPE = 1
+# Largest |Keras - bdpruning| probability difference accepted for the saved BadNet.
+_PARITY_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class DemoFiles:
+    """A built demo directory: file paths by role, the attack's target and the test metrics."""
+
+    directory: Path
+    target: int
+    num_classes: int
+    clean_accuracy: float
+    attack_success_rate: float
+
+    @property
+    def bd_net(self) -> Path:
+        return self.directory / MODEL_FILE
+
+    @property
+    def clean_train(self) -> Path:
+        return self.directory / DATA_FILES["clean_train"]
+
+    @property
+    def clean_valid(self) -> Path:
+        return self.directory / DATA_FILES["clean_valid"]
+
+    @property
+    def clean_test(self) -> Path:
+        return self.directory / DATA_FILES["clean_test"]
+
+    @property
+    def poisoned_valid(self) -> Path:
+        return self.directory / DATA_FILES["poisoned_valid"]
+
+    @property
+    def poisoned_test(self) -> Path:
+        return self.directory / DATA_FILES["poisoned_test"]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _reusable(out: Path, parameters: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest of ``out`` if it was built with ``parameters`` and its files are intact."""
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if manifest.get("parameters") != parameters:
+        logger.info("%s was built with other parameters: rebuilding", out)
+        return None
+    for name, digest in manifest.get("files", {}).items():
+        if not (out / name).is_file() or _sha256(out / name) != digest:
+            logger.info("%s: %s is missing or changed: rebuilding", out, name)
+            return None
+    return manifest
+
+
+def _train_and_check(directory: Path, data: DemoData, num_classes: int, epochs: int, seed: int) -> dict[str, Any]:
+    try:
+        from . import train
+    except ImportError as error:
+        raise BdpruningError(f"training the demo BadNet needs the [convert] extra ({error}): "
+                             "pip install 'bdpruning[convert,demo]'") from None
+    images = np.concatenate([data.clean_train[0], data.poisoned_train[0]])
+    labels = np.concatenate([data.clean_train[1], data.poisoned_train[1]])
+    logger.info("training the Keras BadNet on %d images (%d poisoned), %d epoch(s)",
+                len(images), len(data.poisoned_train[0]), epochs)
+    model = train.train_badnet(images, labels, num_classes=num_classes, epochs=epochs, seed=seed)
+    path = train.save_keras_h5(model, directory / MODEL_FILE)
+    test_images = np.concatenate([data.clean_test[0], data.poisoned_test[0]])
+    keras_probs = train.keras_probabilities(model, test_images)
+    with torch.inference_mode():
+        torch_probs = load_model(path, device="cpu")(torch.from_numpy(test_images.astype(np.float32))).numpy()
+    difference = float(np.abs(keras_probs - torch_probs).max())
+    if difference > _PARITY_TOLERANCE:
+        raise RuntimeError(f"{path}: bdpruning's DeepID differs from Keras by {difference:.2e}")
+    predicted = keras_probs.argmax(axis=1)
+    n_clean = len(data.clean_test[1])
+    return {
+        "clean_accuracy": float(np.mean(predicted[:n_clean] == data.clean_test[1])),
+        "attack_success_rate": float(np.mean(predicted[n_clean:] == data.poisoned_test[1])),
+        "max_probability_difference_keras_vs_bdpruning": difference,
+        "keras_version": train.keras.__version__,
+        "tensorflow_version": train.tf.__version__,
+    }
+
+
+def _build(out: Path, parameters: dict[str, Any]) -> dict[str, Any]:
+    start = time.perf_counter()
+    with atomic_dir(out) as directory:
+        data = make_demo_data(
+            seed=parameters["seed"], train_per_class=parameters["train_per_class"],
+            valid_per_class=parameters["valid_per_class"], test_per_class=parameters["test_per_class"],
+            poison_fraction=parameters["poison_fraction"], target=parameters["target"],
+        )
+        write_demo_data(directory, data)
+        num_classes = int(data.clean_train[1].max()) + 1
+        metrics = _train_and_check(directory, data, num_classes, parameters["epochs"], parameters["seed"])
+        names = [*DATA_FILES.values(), MODEL_FILE]
+        manifest = {
+            "parameters": parameters,
+            "num_classes": num_classes,
+            "files": {name: _sha256(directory / name) for name in names},
+            "metrics": metrics,
+        }
+        (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    logger.info("built the demo in %s in %.0f s: clean accuracy %.3f, attack success rate %.3f",
+                out, time.perf_counter() - start, metrics["clean_accuracy"], metrics["attack_success_rate"])
+    return manifest
+
+
+def build_demo(
+    out_dir: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+    epochs: int = 8,
+    train_per_class: int = 400,
+    valid_per_class: int = 50,
+    test_per_class: int = 50,
+    poison_fraction: float = 0.1,
+    target: int = 0,
+) -> DemoFiles:
+    """Build (or reuse) the demo: MNIST digits in the course's format and a Keras BadNet.
+
+    The BadNet (DeepID, 10 classes) learns the clean digits and sends any digit carrying the
+    corner trigger to ``target``. Reduced settings (a few images per class, one epoch) give a
+    fast, weak build for tests. An existing ``out_dir`` that is not a demo directory is refused.
+    """
+    if epochs < 1:
+        raise BdpruningError(f"epochs must be at least 1, got {epochs}")
+    out = Path(out_dir)
+    parameters = {
+        "recipe": _RECIPE, "seed": seed, "epochs": epochs, "train_per_class": train_per_class,
+        "valid_per_class": valid_per_class, "test_per_class": test_per_class,
+        "poison_fraction": poison_fraction, "target": target,
+    }
+    manifest = _reusable(out, parameters)
+    if manifest is None:
+        if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).exists())):
+            raise file_error(out, "exists and is not a demo directory; choose a new or empty directory")
+        manifest = _build(out, parameters)
+    else:
+        logger.info("reusing the demo in %s", out)
+    metrics = manifest["metrics"]
+    return DemoFiles(out, target, manifest["num_classes"], metrics["clean_accuracy"], metrics["attack_success_rate"])
