@@ -13,8 +13,10 @@ import logging
 
 from .data import H5ImageSet, read_h5_dataset
 from .errors import BdpruningError
+from .goodnet import GoodNet
 from .layers import find_layer, layer_names
 from .loading import load_model
+from .activations import rank_channels
 from .masks import plain_state_dict, prune_channels, pruned_channels
 from .modelio import model_info, save_model_dir
 from .models import DeepID
@@ -22,6 +24,7 @@ from .models import DeepID
 __all__ = [
     "BdpruningError",
     "DeepID",
+    "GoodNet",
     "H5ImageSet",
     "find_layer",
     "layer_names",
@@ -30,6 +33,7 @@ __all__ = [
     "plain_state_dict",
     "prune_channels",
     "pruned_channels",
+    "rank_channels",
     "read_h5_dataset",
     "save_model_dir",
 ]

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["plot_sweep", "plot_activations"]
+__all__ = ["plot_sweep", "plot_activations", "plot_goodnet"]
 
 
 def _save(fig: "plt.Figure", path: str | os.PathLike[str]) -> None:
@@ -66,4 +66,27 @@ def plot_activations(
     ax.set_xlabel("channel (in pruning order)")
     ax.set_ylabel("mean activation on clean data")
     ax.set_title(f"{layer}: mean activation per channel")
+    _save(fig, path)
+
+
+def plot_goodnet(rows: Sequence[dict], path: str | os.PathLike[str]) -> None:
+    """Bars per repaired model B': clean accuracy and attack success rate (percent).
+
+    ``rows`` are ``bdprune goodnet``'s rows (keys ``repaired``, ``clean_accuracy``,
+    ``attack_success_rate``); a missing rate (no poisoned set) is drawn as 0.
+    """
+    names = [os.path.basename(os.path.normpath(str(row["repaired"]))) for row in rows]
+    x = range(len(rows))
+    width = 0.38
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(rows) + 2), 4.5))
+    for offset, key, label, color in ((-width / 2, "clean_accuracy", "clean accuracy", "tab:blue"),
+                                      (width / 2, "attack_success_rate", "attack success rate", "tab:red")):
+        values = [row[key] or 0.0 for row in rows]
+        bars = ax.bar([i + offset for i in x], values, width, label=label, color=color)
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set_xticks(list(x), names, rotation=15 if len(rows) > 3 else 0)
+    ax.set_ylabel("percent")
+    ax.set_ylim(0, 110)
+    ax.set_title("Repaired models B' (GoodNet's second net)")
+    ax.legend(loc="upper right")
     _save(fig, path)

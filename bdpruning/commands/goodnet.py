@@ -1,0 +1,63 @@
+"""``bdprune goodnet``: GoodNet(B, B') for each repaired model B', as the Lab-3 table and plot."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .evaluate import add_lightning_arguments, lightning_options
+
+__all__ = ["add_arguments", "run"]
+
+_COLUMNS = [  # (row key, header) of the printed table, all in percent
+    ("clean_accuracy", "B' acc"),
+    ("attack_success_rate", "B' ASR"),
+    ("goodnet_clean_accuracy", "G acc"),
+    ("goodnet_attack_success_rate", "G ASR"),
+    ("detection_rate", "detected"),
+    ("false_alarm_rate", "false alarm"),
+]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bd", required=True, help="the backdoored model B (.h5, .onnx or model directory)")
+    parser.add_argument("--repaired", required=True, nargs="+", help="one or more repaired models B'")
+    parser.add_argument("--clean", required=True, help="clean test set (HDF5 data/label)")
+    parser.add_argument("--poisoned", required=True, help="poisoned test set; its labels hold the attacker's target")
+    parser.add_argument("--out", default="runs/goodnet",
+                        help="output directory for goodnet.json and goodnet.png (default: runs/goodnet)")
+    parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+    add_lightning_arguments(parser)
+
+
+def _print_table(rows: list[dict]) -> None:
+    first = "repaired B'"
+    width = max(len(first), *(len(row["repaired"]) for row in rows))
+    print(f"{first:<{width}}  " + "  ".join(f"{header:>11}" for _, header in _COLUMNS) + "   (%)")
+    for row in rows:
+        cells = ("-" if row[key] is None else f"{row[key]:.2f}" for key, _ in _COLUMNS)
+        print(f"{row['repaired']:<{width}}  " + "  ".join(f"{cell:>11}" for cell in cells))
+    print(f"G = GoodNet(B, B'); a flagged clean input counts as an error; flagged label = {rows[0]['num_classes']}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..atomic import atomic_dir, prepare_out_dir
+    from ..lightning_modules.goodnet import evaluate_goodnets
+    from ..loading import load_model
+    from ..modelio import model_info
+    from ..plots import plot_goodnet
+
+    out = prepare_out_dir(args.out, args.force)
+    bd = load_model(args.bd, device="cpu")
+    repaired = [load_model(path, device="cpu") for path in args.repaired]
+    rates = evaluate_goodnets(bd, repaired, args.clean, args.poisoned, **lightning_options(args))
+    if rates is None:  # an extra ddp process: the first one reports
+        return 0
+    num_classes = model_info(bd).num_classes
+    rows = [{"repaired": path, "num_classes": num_classes, **row} for path, row in zip(args.repaired, rates)]
+    with atomic_dir(out) as directory:
+        (directory / "goodnet.json").write_text(json.dumps(rows, indent=2) + "\n")
+        plot_goodnet(rows, directory / "goodnet.png")
+    _print_table(rows)
+    print(f"results in {out}")
+    return 0

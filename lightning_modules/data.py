@@ -1,0 +1,103 @@
+"""The course's HDF5 sets (clean and poisoned; valid and test) as a LightningDataModule.
+
+Evaluation loaders come in the order of :data:`SET_NAMES`: the clean set first, then the
+poisoned set when one is given, so ``dataloader_idx`` tells a step which set a batch is from.
+Under DDP each process reads its own unpadded shard (:class:`ShardSampler`): Lightning's
+``DistributedSampler`` pads with duplicates, which would be counted twice. Trainers using this
+module need ``use_distributed_sampler=False``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator, Sequence
+
+import pytorch_lightning as pl
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+from bdpruning.data import H5ImageSet, read_h5_dataset
+from bdpruning.errors import BdpruningError
+from bdpruning.modelio import model_info
+
+__all__ = ["H5DataModule", "SET_NAMES", "ShardSampler"]
+
+#: What ``dataloader_idx`` 0 and 1 of the evaluation loaders hold.
+SET_NAMES = ("clean", "poisoned")
+
+PathLike = str | os.PathLike[str]
+
+
+class ShardSampler(Sampler[int]):
+    """Indices ``rank, rank + world_size, ...`` of a set: every index on exactly one process."""
+
+    def __init__(self, length: int, rank: int = 0, world_size: int = 1) -> None:
+        self.indices = range(rank, length, world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class H5DataModule(pl.LightningDataModule):
+    """Clean and poisoned HDF5 sets for ``trainer.validate`` (valid sets) and ``trainer.test``.
+
+    The files are opened and validated here, in the launching process, so a bad file is one
+    clear error before any worker process starts; labels are checked against ``num_classes``
+    and images against ``image_shape`` (pass the model's).
+    """
+
+    def __init__(
+        self,
+        clean_test: PathLike | None = None,
+        poisoned_test: PathLike | None = None,
+        clean_valid: PathLike | None = None,
+        poisoned_valid: PathLike | None = None,
+        batch_size: int = 512,
+        num_workers: int = 0,
+        num_classes: int | None = None,
+        image_shape: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or num_workers < 0:
+            raise BdpruningError(f"batch size must be >= 1 and workers >= 0 (got {batch_size}, {num_workers})")
+        self.batch_size, self.num_workers = batch_size, num_workers
+
+        def read(path: PathLike | None) -> H5ImageSet | None:
+            return None if path is None else read_h5_dataset(path, num_classes, image_shape)
+
+        self.test_sets = self._ordered(read(clean_test), read(poisoned_test), "test")
+        self.valid_sets = self._ordered(read(clean_valid), read(poisoned_valid), "valid")
+
+    @classmethod
+    def for_model(cls, model: nn.Module, **sets_and_options) -> "H5DataModule":
+        """The sets, checked against ``model``'s classes and input shape (see :func:`bdpruning.model_info`)."""
+        info = model_info(model)
+        return cls(**sets_and_options, num_classes=info.num_classes, image_shape=info.input_shape)
+
+    @staticmethod
+    def _ordered(clean: H5ImageSet | None, poisoned: H5ImageSet | None, stage: str) -> list[H5ImageSet]:
+        if clean is None and poisoned is not None:
+            raise BdpruningError(f"a poisoned {stage} set needs its clean {stage} set")
+        return [s for s in (clean, poisoned) if s is not None]
+
+    def _loaders(self, sets: list[H5ImageSet], stage: str) -> list[DataLoader]:
+        if not sets:
+            raise BdpruningError(f"no clean {stage} set was given")
+        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        for dataset in sets:
+            if len(dataset) < world_size:
+                raise BdpruningError(f"{dataset.path}: {len(dataset)} images for {world_size} processes")
+        return [
+            DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                       sampler=ShardSampler(len(dataset), rank, world_size))
+            for dataset in sets
+        ]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._loaders(self.valid_sets, "valid")
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._loaders(self.test_sets, "test")

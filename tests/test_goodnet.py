@@ -1,0 +1,163 @@
+"""GoodNet on the real Lab-3 nets: the rule, the refusal of mismatched pairs, ONNX, images, classify."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from bdpruning import BdpruningError, load_model, save_model_dir
+from bdpruning.atomic import atomic_dir
+from bdpruning.cli import main
+from bdpruning.goodnet import GoodNet, export_goodnet_onnx
+from bdpruning.images import read_image
+from bdpruning.modelio import export_onnx
+from conftest import BD_WEIGHTS, CLEAN_IMAGE, POISONED_IMAGE, PRUNED_FULL
+
+N = 1283  # GoodNet's label for flagged inputs
+
+
+def noisy_faces(face_images: torch.Tensor, count: int, seed: int = 0) -> np.ndarray:
+    """The clean and the sunglasses image, then seeded variants with blocky (10x10) noise.
+
+    Fine noise never splits B and the 2 % repair; blocky noise does, on some variants.
+    """
+    rng = np.random.default_rng(seed)
+    noise = rng.normal(0, 100, (count - 2, 3, 6, 5)).repeat(10, axis=2).repeat(10, axis=3)[:, :, :55, :47]
+    faces = face_images.numpy()
+    variants = faces[np.arange(count - 2) % 2] + noise
+    return np.clip(np.concatenate([faces, variants]), 0, 255).astype(np.uint8)
+
+
+def rule(bd: nn.Module, repaired: nn.Module, images: torch.Tensor) -> list[int]:
+    """GoodNet's labels computed independently, image by image, from the two nets' top-1."""
+    labels = []
+    with torch.no_grad():
+        for image in images:
+            b, r = bd(image[None]).argmax().item(), repaired(image[None]).argmax().item()
+            labels.append(b if b == r else N)
+    return labels
+
+
+@pytest.fixture(scope="module")
+def nets() -> tuple[nn.Module, nn.Module]:
+    for path in (BD_WEIGHTS, PRUNED_FULL):
+        if not path.exists():
+            pytest.skip(f"{path} is absent: the real Lab-3 material lives in ../shared (CI has it)")
+    return load_model(BD_WEIGHTS, device="cpu"), load_model(PRUNED_FULL, device="cpu")
+
+
+def test_goodnet_keeps_the_documented_labels(nets, face_images):
+    goodnet = GoodNet(*nets)
+    labels = goodnet(face_images)
+    assert labels.dtype == torch.int64 and labels.tolist() == [860, 0]
+    bd_probs, repaired_probs = goodnet.outputs(face_images)
+    assert bd_probs.shape == repaired_probs.shape == (2, N)
+    torch.testing.assert_close(bd_probs.sum(1), torch.ones(2))
+
+
+def test_goodnet_follows_the_rule_where_the_nets_disagree(nets, face_images):
+    images = torch.from_numpy(noisy_faces(face_images, 24)).float()
+    expected = rule(*nets, images)
+    assert 0 < expected.count(N) < len(expected)  # the set really splits B and B'
+    assert GoodNet(*nets)(images).tolist() == expected
+
+
+@pytest.fixture(scope="module")
+def always_7(nets) -> nn.Module:
+    """B with its output bias pushed to class 7: a 'repair' that disagrees with B almost always."""
+    model = load_model(BD_WEIGHTS, device="cpu")
+    with torch.no_grad():
+        model.output.bias[7] += 1e4
+    return model
+
+
+def test_a_disagreeing_repair_flags_with_label_n(nets, always_7, face_images):
+    assert GoodNet(nets[0], always_7)(face_images).tolist() == [N, N]
+
+
+def _onnx_model(path: Path, num_classes: int, shape: tuple[int, int, int]) -> Path:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(shape)), num_classes), nn.Softmax(dim=1))
+    export_onnx(model, path, shape)
+    return path
+
+
+def test_mismatched_nets_are_refused_naming_both_files(nets, tmp_path):
+    bd, _ = nets
+    ten = _onnx_model(tmp_path / "ten_classes.onnx", 10, (3, 55, 47))
+    with pytest.raises(BdpruningError, match=rf"{BD_WEIGHTS} has classes 1283, {ten} has classes 10"):
+        GoodNet(bd, load_model(ten, device="cpu"))
+    small = _onnx_model(tmp_path / "small.onnx", N, (3, 32, 32))
+    with pytest.raises(BdpruningError, match=r"has input shape \(3, 55, 47\), .*small.onnx has input shape"):
+        GoodNet(bd, load_model(small, device="cpu"))
+
+
+def test_onnx_export_gives_the_module_labels(nets, face_images, tmp_path):
+    import onnxruntime
+
+    goodnet = GoodNet(*nets)
+    export_goodnet_onnx(goodnet, tmp_path / "goodnet.onnx")
+    session = onnxruntime.InferenceSession(str(tmp_path / "goodnet.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input"]
+    images = torch.from_numpy(noisy_faces(face_images, 24)).float()
+    with torch.no_grad():
+        expected = goodnet(images)
+    assert N in expected.tolist()
+    (labels,) = session.run(None, {"input": images.numpy()})
+    assert labels.dtype == np.int64 and labels.tolist() == expected.tolist()
+    (one,) = session.run(None, {"input": images[:1].numpy()})  # dynamic batch
+    assert one.tolist() == [860]
+
+
+def test_images_are_read_raw_and_wrong_sizes_named(tmp_path, face_images):
+    image = read_image(CLEAN_IMAGE)
+    assert image.dtype == torch.float32 and torch.equal(image, face_images[0])  # 0..255, not scaled
+    big = tmp_path / "big.jpg"
+    Image.new("RGB", (94, 110), (200, 10, 10)).save(big)
+    with pytest.raises(BdpruningError, match=r"big.jpg: image is 94x110 \(width x height\), the model takes 47x55"):
+        read_image(big)
+    resized = read_image(big, resize=True)
+    assert resized.shape == (3, 55, 47) and abs(resized[0].mean().item() - 200) < 2
+    junk = tmp_path / "junk.png"
+    junk.write_text("not a picture")
+    with pytest.raises(BdpruningError, match="junk.png: cannot read the image"):
+        read_image(junk)
+
+
+def bdprune(capsys, *args) -> tuple[int, str, str]:
+    """Run a ``bdprune`` command in this process: (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    code = main([str(arg) for arg in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_classify_prints_a_label_per_image(nets, always_7, tmp_path, capsys):
+    models = ["--bd", BD_WEIGHTS, "--repaired", PRUNED_FULL]
+    code, out, err = bdprune(capsys, "classify", CLEAN_IMAGE, POISONED_IMAGE, *models)
+    assert code == 0, err
+    assert out.splitlines() == [f"{CLEAN_IMAGE}\t860", f"{POISONED_IMAGE}\t0"]
+
+    with atomic_dir(tmp_path / "always_7") as directory:
+        save_model_dir(always_7, directory)
+    code, out, _ = bdprune(capsys, "classify", CLEAN_IMAGE, "--bd", BD_WEIGHTS, "--repaired", tmp_path / "always_7")
+    assert code == 0 and out == f"{CLEAN_IMAGE}\t{N}\tflagged as poisoned (B: 860, B': 7)\n"
+
+
+def test_classify_bad_input_is_one_line_exit_2(nets, tmp_path, capsys):
+    big = tmp_path / "big.png"
+    Image.open(CLEAN_IMAGE).resize((94, 110)).save(big)
+    models = ["--bd", BD_WEIGHTS, "--repaired", PRUNED_FULL]
+    code, out, err = bdprune(capsys, "classify", CLEAN_IMAGE, big, *models)
+    assert (code, out) == (2, "") and err.count("\n") == 1 and f"{big}: image is 94x110" in err
+    code, out, _ = bdprune(capsys, "classify", big, "--resize", *models)
+    assert code == 0 and out.startswith(f"{big}\t")
+    code, _, err = bdprune(capsys, "classify", tmp_path / "missing.png", *models)
+    assert code == 2 and "missing.png: no such file" in err
+    ten = _onnx_model(tmp_path / "ten.onnx", 10, (3, 55, 47))
+    code, _, err = bdprune(capsys, "classify", CLEAN_IMAGE, "--bd", BD_WEIGHTS, "--repaired", ten)
+    assert code == 2 and f"{BD_WEIGHTS} has classes 1283, {ten} has classes 10" in err

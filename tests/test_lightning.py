@@ -1,0 +1,148 @@
+"""Lightning evaluation: counts equal an independent computation, exactly, in 1 and 2 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from bdpruning.lightning_modules.data import H5DataModule
+from bdpruning.lightning_modules.evaluation import EvaluationModule, evaluate_model, run_evaluation
+from bdpruning.lightning_modules.goodnet import GoodNetModule, evaluate_goodnets
+from bdpruning.metrics import percent
+from conftest import BD_WEIGHTS, PRUNED_FULL, write_h5_set
+from test_goodnet import N, always_7, bdprune, nets, noisy_faces, rule  # noqa: F401 (fixtures)
+
+ROW_KEYS = ["repaired", "num_classes", "clean_accuracy", "attack_success_rate", "goodnet_clean_accuracy",
+            "goodnet_attack_success_rate", "detection_rate", "false_alarm_rate"]
+
+
+@pytest.fixture
+def sets(tmp_path, face_images):
+    """Odd-sized sets: 13 clean images (true labels 860 and 0), 7 poisoned ones (target 0)."""
+    clean = noisy_faces(face_images, 13)
+    labels = np.where(np.arange(13) % 2 == 0, 860, 0)
+    clean_path = write_h5_set(tmp_path / "clean.h5", clean, labels)
+    poisoned_path = write_h5_set(tmp_path / "poisoned.h5", noisy_faces(face_images, 7, seed=1), np.zeros(7))
+    return clean_path, poisoned_path
+
+
+def _images_labels(path) -> tuple[torch.Tensor, torch.Tensor]:
+    import h5py
+
+    with h5py.File(path) as handle:
+        return torch.tensor(handle["data"][()], dtype=torch.float32), torch.tensor(handle["label"][()])
+
+
+def test_evaluation_counts_are_the_model_s_hits(nets, sets):
+    bd, _ = nets
+    results = evaluate_model(bd, *sets, batch_size=4)
+    (clean, labels), (poisoned, targets) = map(_images_labels, sets)
+    with torch.no_grad():
+        correct = int((bd(clean).argmax(1) == labels).sum())
+        attacks = int((bd(poisoned).argmax(1) == targets).sum())
+    assert results == {
+        "clean_images": 13, "clean_correct": correct, "poisoned_images": 7, "attack_successes": attacks,
+        "clean_accuracy": percent(correct, 13), "attack_success_rate": percent(attacks, 7),
+    }
+    valid = H5DataModule(clean_valid=sets[0], poisoned_valid=sets[1], batch_size=5)
+    assert run_evaluation(EvaluationModule(bd), valid, stage="validate") == {
+        key: results[key] for key in ("clean_images", "clean_correct", "poisoned_images", "attack_successes")
+    }
+
+
+def test_goodnet_rates_follow_the_rule(nets, always_7, sets):
+    bd, pruned = nets
+    rows = evaluate_goodnets(bd, [pruned, always_7], *sets, batch_size=4)
+    (clean, labels), (poisoned, targets) = map(_images_labels, sets)
+    for repaired, row in zip([pruned, always_7], rows):
+        with torch.no_grad():
+            on_clean, on_poisoned = repaired(clean).argmax(1), repaired(poisoned).argmax(1)
+        goodnet_clean, goodnet_poisoned = torch.tensor(rule(bd, repaired, clean)), torch.tensor(rule(bd, repaired, poisoned))
+        assert row == {
+            "clean_accuracy": percent(int((on_clean == labels).sum()), 13),
+            "attack_success_rate": percent(int((on_poisoned == targets).sum()), 7),
+            "goodnet_clean_accuracy": percent(int((goodnet_clean == labels).sum()), 13),
+            "goodnet_attack_success_rate": percent(int((goodnet_poisoned == targets).sum()), 7),
+            "detection_rate": percent(int((goodnet_poisoned == N).sum()), 7),
+            "false_alarm_rate": percent(int((goodnet_clean == N).sum()), 13),
+        }
+    assert 0 < rows[0]["false_alarm_rate"] < 100 and rows[1]["detection_rate"] == 100
+
+
+@pytest.mark.slow
+def test_two_processes_count_exactly_what_one_counts(nets, always_7, sets):
+    """ddp_spawn from this pytest process: 2 CPU processes, gloo, unpadded shards of 13 and 7."""
+    bd, pruned = nets
+    data = H5DataModule.for_model(bd, clean_test=sets[0], poisoned_test=sets[1], batch_size=2)
+    one = run_evaluation(GoodNetModule(bd, [pruned, always_7]), data)
+    two = run_evaluation(GoodNetModule(bd, [pruned, always_7]), data,
+                         accelerator="cpu", devices=2, strategy="ddp_spawn")
+    assert one["0/clean_images"] == 13 and one["0/poisoned_images"] == 7
+    assert two == one  # equal counts, every one of them
+
+
+@pytest.mark.slow
+def test_cli_evaluate_under_ddp_equals_one_process(nets, sets, tmp_path):
+    """``--strategy ddp``: Lightning re-runs ``python -m bdpruning.cli`` in a second process."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bdpruning.cli", "evaluate", "--model", str(BD_WEIGHTS), "--clean", str(sets[0]),
+         "--poisoned", str(sets[1]), "--batch-size", "3", "--out", "two.json",
+         "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("clean accuracy") == 1  # only the first process reports
+    two = json.loads((tmp_path / "two.json").read_text())
+    one = evaluate_model(nets[0], *sets)
+    assert two == {"model": str(BD_WEIGHTS), "clean": str(sets[0]), "poisoned": str(sets[1]), **one}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean.h5", "poisoned.h5", "two.json"]
+
+
+def test_cli_evaluate_and_goodnet_write_their_results(sets, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may be left in the working directory but the results
+    clean, poisoned = map(str, sets)
+    code, out, err = bdprune(capsys, "evaluate", "--model", BD_WEIGHTS, "--clean", clean, "--poisoned", poisoned,
+                             "--out", "evaluate.json")
+    assert code == 0, err
+    assert "clean accuracy" in out and "attack success rate" in out
+    results = json.loads((tmp_path / "evaluate.json").read_text())
+    assert results["clean_images"] == 13 and results["poisoned_images"] == 7 and "clean_accuracy" in results
+
+    code, out, err = bdprune(capsys, "goodnet", "--bd", BD_WEIGHTS, "--repaired", PRUNED_FULL, PRUNED_FULL,
+                             "--clean", clean, "--poisoned", poisoned, "--out", "gn")
+    assert code == 0, err
+    rows = json.loads((tmp_path / "gn" / "goodnet.json").read_text())
+    assert [list(row) for row in rows] == [ROW_KEYS, ROW_KEYS] and rows[0] == rows[1]
+    assert rows[0]["num_classes"] == N and rows[0]["repaired"] == str(PRUNED_FULL)
+    assert (tmp_path / "gn" / "goodnet.png").read_bytes()[:4] == b"\x89PNG"
+    assert out.count(str(PRUNED_FULL)) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean.h5", "evaluate.json", "gn", "poisoned.h5"]
+
+    code, _, err = bdprune(capsys, "goodnet", "--bd", BD_WEIGHTS, "--repaired", PRUNED_FULL,
+                           "--clean", clean, "--poisoned", poisoned, "--out", "gn")
+    assert code == 2 and "gn: output directory exists" in err
+
+
+def test_cli_bad_input_is_one_line_exit_2(sets, tmp_path, capsys):
+    clean, poisoned = map(str, sets)
+    evaluate = ["evaluate", "--model", BD_WEIGHTS, "--out", tmp_path / "r.json"]
+    wrong_labels = write_h5_set(tmp_path / "labels.h5", np.zeros((3, 3, 55, 47), np.uint8), np.array([0, 1, N]))
+    wrong_shape = write_h5_set(tmp_path / "shape.h5", np.zeros((3, 3, 32, 32), np.uint8), np.zeros(3))
+    cases = [
+        (["--clean", wrong_labels], "labels.h5: labels range 0..1283, outside the model's 1283 classes"),
+        (["--clean", clean, "--poisoned", wrong_shape], "shape.h5: images have shape (3, 32, 32), the model expects"),
+        (["--clean", tmp_path / "missing.h5"], "missing.h5: no such file"),
+        (["--clean", clean, "--accelerator", "gpu", "--devices", torch.cuda.device_count() + 1],
+         f"but this machine has {torch.cuda.device_count()} GPU(s)"),
+        (["--clean", clean, "--accelerator", "cpu", "--devices", os.cpu_count() + 1], "CPU core(s)"),
+    ]
+    for args, message in cases:
+        code, out, err = bdprune(capsys, *evaluate, *args)
+        assert (code, out) == (2, "") and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "r.json").exists()
