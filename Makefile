@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m bdpruning.cli demo --out runs/demo
+	$(PY) -m bdpruning.cli demo --out runs/demo --cache data/generated/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,0 +1,86 @@
+"""The whole defense on the embedded BadNet: build -> convert -> prune -> GoodNet -> report.
+
+Each stage runs the same ``bdprune`` command a user would type (in a subprocess, so each is a
+clean process and the report can list the exact commands), into one run directory that appears
+only when every stage succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from ..atomic import atomic_dir
+from ..errors import BdpruningError
+from .build import DemoFiles, build_demo
+from .report import write_report
+
+__all__ = ["run_demo", "default_cache_dir"]
+
+log = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    """Where the demo data and BadNet are cached: ``$XDG_CACHE_HOME/bdpruning/demo``."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "bdpruning" / "demo"
+
+
+def _bdprune(stage: str, args: Sequence[str], run: Path, out: Path) -> tuple[str, float]:
+    """Run ``bdprune STAGE ARGS``; return the command as the user would type it, and seconds."""
+    command = [sys.executable, "-m", "bdpruning.cli", stage, *args]
+    shown = "bdprune " + shlex.join([stage, *args]).replace(str(run), str(out))
+    log_dir = run / "logs"
+    log.info("%s: %s", stage, shown)
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True)
+    (log_dir / f"{stage}.log").write_text(result.stdout + result.stderr)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise BdpruningError(f"demo stage {stage!r} failed (exit {result.returncode}): {last}")
+    return shown, time.perf_counter() - start
+
+
+def run_demo(
+    out: str | os.PathLike[str],
+    cache: str | os.PathLike[str] | None = None,
+    *,
+    thresholds: Sequence[float] = (2.0, 4.0, 10.0, 20.0),
+    build_options: dict | None = None,
+) -> Path:
+    """Run the pipeline into ``out`` (replaced atomically); return the report's path."""
+    out = Path(out)
+    start = time.perf_counter()
+    demo: DemoFiles = build_demo(cache or default_cache_dir(), **(build_options or {}))
+    timings = {"build (cached after the first run)": time.perf_counter() - start}
+    commands = []
+    with atomic_dir(out) as run:
+        (run / "logs").mkdir()
+        stages = [
+            ("convert", [str(demo.bd_net), "--out", str(run / "converted"), "--data", str(demo.clean_valid)]),
+            ("prune", ["--model", str(run / "converted"), "--clean-valid", str(demo.clean_valid),
+                       "--poisoned-valid", str(demo.poisoned_valid), "--out", str(run / "pruning"),
+                       "--thresholds", *[f"{t:g}" for t in thresholds], "--no-progress"]),
+        ]
+        for stage, args in stages:
+            shown, seconds = _bdprune(stage, args, run, out)
+            commands.append(shown)
+            timings[stage] = seconds
+        summary = json.loads((run / "pruning" / "summary.json").read_text())
+        repaired = [str(run / "pruning" / t["model_dir"]) for t in summary["thresholds"] if t["reached"]]
+        if repaired:
+            shown, seconds = _bdprune("goodnet", ["--bd", str(run / "converted"), "--repaired", *repaired,
+                                                  "--clean", str(demo.clean_test), "--poisoned",
+                                                  str(demo.poisoned_test), "--out", str(run / "goodnet")], run, out)
+            commands.append(shown)
+            timings["goodnet"] = seconds
+        report = write_report(run, demo, commands, timings)
+    log.info("report written to %s", out / report.name)
+    return out / report.name
