@@ -33,14 +33,15 @@ def default_cache_dir() -> Path:
     return Path(base) / "bdpruning" / "demo"
 
 
-def _bdprune(stage: str, args: Sequence[str], run: Path, out: Path) -> tuple[str, float]:
-    """Run ``bdprune STAGE ARGS``; return the command as the user would type it, and seconds."""
+def _bdprune(stage: str, args: Sequence[str], run: Path) -> tuple[str, float]:
+    """Run ``bdprune STAGE ARGS`` inside the run directory (outputs are named relative to it, so
+    what the stages record stays true after the rename); return the command and seconds."""
     command = [sys.executable, "-m", "bdpruning.cli", stage, *args]
-    shown = "bdprune " + shlex.join([stage, *args]).replace(str(run), str(out))
+    shown = "bdprune " + shlex.join([stage, *args])
     log_dir = run / "logs"
     log.info("%s: %s", stage, shown)
     start = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=run)
     (log_dir / f"{stage}.log").write_text(result.stdout + result.stderr)
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -58,27 +59,27 @@ def run_demo(
     """Run the pipeline into ``out`` (replaced atomically); return the report's path."""
     out = Path(out)
     start = time.perf_counter()
-    demo: DemoFiles = build_demo(cache or default_cache_dir(), **(build_options or {}))
+    demo: DemoFiles = build_demo(Path(cache or default_cache_dir()).resolve(), **(build_options or {}))
     timings = {"build (cached after the first run)": time.perf_counter() - start}
     commands = []
     with atomic_dir(out) as run:
         (run / "logs").mkdir()
         stages = [
-            ("convert", [str(demo.bd_net), "--out", str(run / "converted"), "--data", str(demo.clean_valid)]),
-            ("prune", ["--model", str(run / "converted"), "--clean-valid", str(demo.clean_valid),
-                       "--poisoned-valid", str(demo.poisoned_valid), "--out", str(run / "pruning"),
+            ("convert", [str(demo.bd_net), "--out", "converted", "--data", str(demo.clean_valid)]),
+            ("prune", ["--model", "converted", "--clean-valid", str(demo.clean_valid),
+                       "--poisoned-valid", str(demo.poisoned_valid), "--out", "pruning",
                        "--thresholds", *[f"{t:g}" for t in thresholds], "--no-progress"]),
         ]
         for stage, args in stages:
-            shown, seconds = _bdprune(stage, args, run, out)
+            shown, seconds = _bdprune(stage, args, run)
             commands.append(shown)
             timings[stage] = seconds
         summary = json.loads((run / "pruning" / "summary.json").read_text())
-        repaired = [str(run / "pruning" / t["model_dir"]) for t in summary["thresholds"] if t["reached"]]
+        repaired = [f"pruning/{t['model_dir']}" for t in summary["thresholds"] if t["reached"]]
         if repaired:
-            shown, seconds = _bdprune("goodnet", ["--bd", str(run / "converted"), "--repaired", *repaired,
+            shown, seconds = _bdprune("goodnet", ["--bd", "converted", "--repaired", *repaired,
                                                   "--clean", str(demo.clean_test), "--poisoned",
-                                                  str(demo.poisoned_test), "--out", str(run / "goodnet")], run, out)
+                                                  str(demo.poisoned_test), "--out", "goodnet"], run)
             commands.append(shown)
             timings["goodnet"] = seconds
         report = write_report(run, demo, commands, timings)

@@ -90,7 +90,7 @@ def write_report(run: Path, demo: DemoFiles, commands: list[str], timings: dict[
         ]
     else:
         lines.append("No threshold was reached, so there is no repaired model to build GoodNet from.")
-    lines += ["", "## Reproduce", "", "```bash", *commands, "```", "", "## Wall time", "",
+    lines += ["", "## Reproduce", "", "From inside this run directory:", "", "```bash", *commands, "```", "", "## Wall time", "",
               *[f"- {stage}: {seconds:.1f} s" for stage, seconds in timings.items()], ""]
     path = run / "report.md"
     path.write_text("\n".join(lines))

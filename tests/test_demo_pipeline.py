@@ -1,0 +1,36 @@
+"""End to end on a reduced demo: build -> convert -> prune -> GoodNet -> report.md."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bdpruning.demo.pipeline import run_demo
+
+
+@pytest.mark.tensorflow
+@pytest.mark.slow
+def test_reduced_demo_runs_the_whole_pipeline(tmp_path):
+    small = {"epochs": 1, "train_per_class": 30, "valid_per_class": 10, "test_per_class": 10}
+    report = run_demo(tmp_path / "run", tmp_path / "cache", thresholds=(2, 4), build_options=small)
+    run = tmp_path / "run"
+    assert report == run / "report.md"
+    text = report.read_text()
+    for heading in ("## Conversion", "## Pruning", "## GoodNet", "## Reproduce"):
+        assert heading in text
+    conversion = json.loads((run / "converted" / "conversion.json").read_text())
+    assert conversion["max_abs_diff"] <= 1e-4
+    summary = json.loads((run / "pruning" / "summary.json").read_text())
+    reached = [t for t in summary["thresholds"] if t["reached"]]
+    assert reached, "a 1-epoch BadNet still loses accuracy when its channels go"
+    for entry in reached:
+        assert (run / "pruning" / entry["model_dir"] / "model.safetensors").exists()
+        assert f"| {entry['threshold']:g} pts | {entry['channels_pruned']} |" in text
+    rows = json.loads((run / "goodnet" / "goodnet.json").read_text())
+    assert len(rows) == len(reached)
+    for figure in ("pruning/accuracy_asr.png", "pruning/activations.png", "goodnet/goodnet.png"):
+        assert (run / figure).stat().st_size > 1000 and f"]({figure})" in text
+    # the build is cached: a second run reuses it and replaces the run directory
+    run_demo(tmp_path / "run", tmp_path / "cache", thresholds=(2, 4), build_options=small)
+    assert json.loads((run / "pruning" / "summary.json").read_text()) == summary
