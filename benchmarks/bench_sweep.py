@@ -1,6 +1,8 @@
 """Benchmark: the fast pruning sweep vs one forward pass and vs the naive sweep, in one run.
 
     .venv/bin/python benchmarks/bench_sweep.py [--images 11547] [--model ../shared/models/lab3_bd_weights.h5]
+    .venv/bin/python benchmarks/bench_sweep.py --model data/generated/demo/bd_net.h5 \
+        --data data/generated/demo/clean_valid.h5
 
 The 11,547 inputs are seeded noisy copies of the two real Lab-3 face crops in ../shared/images
 (the real validation set is not available), so the net's channels are as sparse as on faces.
@@ -53,12 +55,20 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--data", help="an HDF5 validation set (e.g. the demo's clean_valid.h5), "
+                                       "tiled to --images; default: noisy copies of the real face crops")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = bdpruning.load_model(args.model, device="cpu")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "valid.h5"
-        data, labels = faces(args.images)
+        if args.data:
+            with h5py.File(args.data, "r") as source:
+                reps = -(-args.images // len(source["label"]))
+                data = np.concatenate([source["data"][()]] * reps)[: args.images]
+                labels = np.concatenate([source["label"][()]] * reps)[: args.images]
+        else:
+            data, labels = faces(args.images)
         with h5py.File(path, "w") as handle:
             handle["data"], handle["label"] = data, labels
         dataset = bdpruning.read_h5_dataset(path, bdpruning.model_info(model).num_classes)
