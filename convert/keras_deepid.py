@@ -1,14 +1,15 @@
 """DeepID as a Keras model (the architecture of the course's ``bd_net.h5``).
 
 Used to load weights-only files into Keras and to train the embedded demo BadNet. Importing
-this module imports torch before TensorFlow: the other order segfaults torchvision later.
+this module imports torch and torchvision before TensorFlow: the other order segfaults.
 """
 
 from __future__ import annotations
 
 import os
 
-import torch  # noqa: F401  (must be imported before tensorflow, see module docstring)
+import torch  # noqa: F401  (torch and torchvision must be imported before tensorflow)
+import torchvision  # noqa: F401
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 

@@ -72,8 +72,10 @@ def _small_cnn(path: Path, pooling: str = "flatten") -> Path:
 
 
 @pytest.mark.slow
-def test_keras_side_import_keeps_torchvision_importable():
-    code = "import bdpruning.convert.keras_to_onnx; import torchvision; import onnx2torch"
+@pytest.mark.parametrize("module", ["bdpruning.convert.keras_to_onnx", "bdpruning.convert.keras_deepid",
+                                    "bdpruning.demo.train"])
+def test_keras_side_import_keeps_torchvision_importable(module):
+    code = f"import {module}; import torchvision; import onnx2torch"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
 
