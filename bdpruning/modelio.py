@@ -11,7 +11,7 @@ import io
 import json
 import os
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
@@ -172,9 +172,3 @@ def load_model_dir(directory: str | os.PathLike[str]) -> nn.Module:
     info = ModelInfo(architecture, num_classes, input_shape, str(meta.get("source", directory)), onnx_bytes)
     return attach_info(model.eval(), info)
 
-
-def info_dict(info: ModelInfo) -> dict:
-    """JSON-friendly view of a :class:`ModelInfo`."""
-    data = asdict(info)
-    data.pop("onnx_bytes")
-    return data

@@ -26,7 +26,10 @@ from .masks import channel_count, prune_channels
 from .predict import predict_labels
 from .split import SplitModel, split_at, zero_preserving_path
 
-__all__ = ["SweepStep", "ThresholdHit", "SweepResult", "run_sweep", "naive_sweep_predictions", "sweep_predictions"]
+__all__ = [
+    "SweepStep", "ThresholdHit", "SweepResult", "run_sweep", "find_thresholds",
+    "naive_sweep_predictions", "sweep_predictions",
+]
 
 log = logging.getLogger(__name__)
 
