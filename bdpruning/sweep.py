@@ -160,7 +160,10 @@ def _rank_and_cache(split: SplitModel, rank_layer: str, clean: H5ImageSet, batch
         elements += value.numel() // value.shape[1]
         if cached is not None:
             used += sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
-            cached = cached + [(values, labels)] if used <= cache_bytes else None
+            if used <= cache_bytes:
+                cached.append((values, labels))
+            else:  # too large to keep: the sweep recomputes the prefix, chunk by chunk
+                cached = None
     return ranking_from_sums(split.node_name, sums, elements, len(clean)), cached
 
 

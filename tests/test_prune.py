@@ -195,3 +195,11 @@ def test_bad_data_and_existing_output_are_refused_without_damage(bd_weights, fac
     assert main(["prune", "--model", str(bd_weights), "--clean-valid", str(face_set), "--out", str(out)]) == 2
     assert "output directory exists" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "earlier results"
+
+
+def test_sweep_without_room_to_cache_recomputes_the_same_results(bd_weights, face_set):
+    model = bdpruning.load_model(bd_weights, device="cpu")
+    data = bdpruning.read_h5_dataset(face_set, 1283)
+    cached = run_sweep(model, data, data, batch_size=50, full_sweep=True)
+    streamed = run_sweep(model, data, data, batch_size=50, full_sweep=True, cache_bytes=0)
+    assert streamed.all_steps == cached.all_steps and streamed.ranking == cached.ranking
