@@ -17,7 +17,8 @@ from torch.nn.utils import prune
 from .errors import BdpruningError
 from .layers import find_layer
 
-__all__ = ["prune_channels", "pruned_channels", "plain_state_dict", "channel_count"]
+__all__ = ["prune_channels", "pruned_channels", "masked_channels", "pruned_layers", "plain_state_dict",
+           "channel_count"]
 
 
 def channel_count(module: nn.Module) -> int:
@@ -56,6 +57,32 @@ def pruned_channels(model: nn.Module, layer: str) -> list[int]:
     if getattr(module, "bias", None) is not None:
         zero &= module.bias.detach() == 0
     return zero.nonzero().flatten().tolist()
+
+
+def masked_channels(model: nn.Module) -> dict[str, list[int]]:
+    """``{layer: channels}`` of every layer that carries a pruning mask (see :func:`prune_channels`)."""
+    masked = {}
+    for name, module in model.named_modules():
+        mask = getattr(module, "weight_mask", None)
+        if isinstance(mask, torch.Tensor):
+            masked[name] = (mask.flatten(1) == 0).all(dim=1).nonzero().flatten().tolist()
+    return masked
+
+
+def pruned_layers(model: nn.Module, layer: str = "conv_3") -> dict[str, list[int]]:
+    """The pruned channels of a repaired model: its masked layers' channels, or, for a model
+    without masks (a B' from a Keras file, say), the all-zero channels of ``layer``.
+
+    Refuses a model with nothing pruned.
+    """
+    masked = {name: channels for name, channels in masked_channels(model).items() if channels}
+    if masked:
+        return masked
+    name, _ = find_layer(model, layer)
+    zeroed = pruned_channels(model, name)
+    if not zeroed:
+        raise BdpruningError(f"the model has no pruning masks and no all-zero channels in {name!r}: nothing is pruned")
+    return {name: zeroed}
 
 
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

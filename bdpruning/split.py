@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .errors import BdpruningError
 from .layers import find_layer
+from .tracing import module_node, trace_model
 
 __all__ = ["SplitModel", "split_at", "zero_preserving_path"]
 
@@ -36,32 +36,13 @@ class SplitModel:
     node_name: str
 
 
-def _trace(model: nn.Module) -> fx.GraphModule:
-    if isinstance(model, fx.GraphModule):
-        return model
-    try:
-        return fx.symbolic_trace(model)
-    except Exception as exc:  # fx raises many types for untraceable Python control flow
-        raise BdpruningError(
-            f"{type(model).__name__} cannot be traced by torch.fx ({type(exc).__name__}: {exc}); "
-            "the fast sweep needs a traceable model"
-        ) from None
-
-
-def _module_node(gm: fx.GraphModule, module_name: str) -> fx.Node:
-    nodes = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == module_name]
-    if len(nodes) != 1:
-        raise BdpruningError(f"layer {module_name!r} is called {len(nodes)} times in the graph; expected once")
-    return nodes[0]
-
-
 def zero_preserving_path(model: nn.Module, start: str, end: str) -> bool:
     """Whether ``end``'s output channel c is exactly zero whenever ``start``'s is, and
     ``start``'s values reach the rest of the network only through ``end``."""
-    gm = _trace(model)
+    gm = trace_model(model)
     start_name, _ = find_layer(model, start)
     end_name, _ = find_layer(model, end)
-    node, target = _module_node(gm, start_name), _module_node(gm, end_name)
+    node, target = module_node(gm, start_name), module_node(gm, end_name)
     while node is not target:
         users = list(node.users)
         if len(users) != 1:
@@ -78,9 +59,9 @@ def zero_preserving_path(model: nn.Module, start: str, end: str) -> bool:
 
 def split_at(model: nn.Module, layer: str) -> SplitModel:
     """Split ``model`` after ``layer`` (a module name or Keras name)."""
-    gm = _trace(model)
+    gm = trace_model(model)
     name, _ = find_layer(model, layer)
-    split = _module_node(gm, name)
+    split = module_node(gm, name)
     downstream: set[fx.Node] = set()
     for node in gm.graph.nodes:
         if node.op != "output" and any(a is split or a in downstream for a in node.all_input_nodes):
