@@ -19,8 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .dependency import remove_channels
 from .errors import BdpruningError, file_error
-from .masks import plain_state_dict, prune_channels
+from .masks import masked_channels, plain_state_dict, prune_channels
 from .models.deepid import DeepID
 
 __all__ = ["ModelInfo", "model_info", "save_model_dir", "load_model_dir", "onnx_to_torch", "export_onnx"]
@@ -41,6 +42,8 @@ class ModelInfo:
     input_shape: tuple[int, int, int]
     source: str
     onnx_bytes: bytes | None = field(default=None, repr=False)  # the graph, for "onnx" models
+    # channels physically removed, in order: (layer, channels as the layer had them then)
+    removed: list[tuple[str, list[int]]] = field(default_factory=list)
 
 
 def model_info(model: nn.Module) -> ModelInfo:
@@ -57,15 +60,6 @@ def attach_info(model: nn.Module, info: ModelInfo) -> nn.Module:
     """Record ``info`` on ``model`` (returns ``model``)."""
     model.bdpruning_info = info
     return model
-
-
-def _pruned(model: nn.Module) -> dict[str, list[int]]:
-    pruned = {}
-    for name, module in model.named_modules():
-        mask = getattr(module, "weight_mask", None)
-        if isinstance(mask, torch.Tensor):
-            pruned[name] = (mask.flatten(1) == 0).all(dim=1).nonzero().flatten().tolist()
-    return pruned
 
 
 def onnx_to_torch(proto: onnx.ModelProto, source: str | os.PathLike[str]) -> nn.Module:
@@ -117,7 +111,8 @@ def save_model_dir(
         "num_classes": info.num_classes,
         "input_shape": list(info.input_shape),
         "source": info.source,
-        "pruned": _pruned(model),
+        "pruned": masked_channels(model),
+        "removed": [{"layer": layer, "channels": channels} for layer, channels in info.removed],
         **(extra or {}),
     }
     save_file(plain_state_dict(model), str(directory / WEIGHTS))
@@ -154,6 +149,15 @@ def load_model_dir(directory: str | os.PathLike[str]) -> nn.Module:
         model = onnx_to_torch(onnx.load_from_string(onnx_bytes), graph)
     else:
         raise file_error(meta_path, f"unknown architecture {architecture!r}")
+    try:
+        removed = [(str(step["layer"]), [int(c) for c in step["channels"]]) for step in meta.get("removed", [])]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise file_error(meta_path, f"invalid 'removed' entry ({exc})") from None
+    if removed:  # a compact model: shrink the architecture the same way before loading its weights
+        try:
+            remove_channels(model.eval(), removed, torch.zeros(1, *input_shape), fold=False)
+        except BdpruningError as exc:
+            raise file_error(meta_path, f"cannot rebuild the compact model ({exc})") from None
     weights = directory / WEIGHTS
     if not weights.exists():
         raise file_error(directory, f"missing {WEIGHTS}")
@@ -169,6 +173,6 @@ def load_model_dir(directory: str | os.PathLike[str]) -> nn.Module:
     for layer, channels in meta.get("pruned", {}).items():
         if channels:
             prune_channels(model, layer, channels)
-    info = ModelInfo(architecture, num_classes, input_shape, str(meta.get("source", directory)), onnx_bytes)
+    info = ModelInfo(architecture, num_classes, input_shape, str(meta.get("source", directory)), onnx_bytes, removed)
     return attach_info(model.eval(), info)
 

@@ -43,6 +43,18 @@ def face_images() -> torch.Tensor:
     return torch.tensor(np.stack(arrays), dtype=torch.float32).permute(0, 3, 1, 2).contiguous()
 
 
+def noisy_faces(face_images: torch.Tensor, count: int, seed: int = 0) -> np.ndarray:
+    """The clean and the sunglasses image, then seeded variants with blocky (10x10) noise.
+
+    Fine noise never splits B and the 2 % repair; blocky noise does, on some variants.
+    """
+    rng = np.random.default_rng(seed)
+    noise = rng.normal(0, 100, (count - 2, 3, 6, 5)).repeat(10, axis=2).repeat(10, axis=3)[:, :, :55, :47]
+    faces = face_images.numpy()
+    variants = faces[np.arange(count - 2) % 2] + noise
+    return np.clip(np.concatenate([faces, variants]), 0, 255).astype(np.uint8)
+
+
 def write_h5_set(path: Path, data: np.ndarray, labels: np.ndarray) -> Path:
     """Write a data set in the course's HDF5 layout."""
     import h5py

@@ -16,21 +16,9 @@ from bdpruning.cli import main
 from bdpruning.goodnet import GoodNet, export_goodnet_onnx
 from bdpruning.images import read_image
 from bdpruning.modelio import export_onnx
-from conftest import BD_WEIGHTS, CLEAN_IMAGE, POISONED_IMAGE, PRUNED_FULL
+from conftest import BD_WEIGHTS, CLEAN_IMAGE, POISONED_IMAGE, PRUNED_FULL, noisy_faces
 
 N = 1283  # GoodNet's label for flagged inputs
-
-
-def noisy_faces(face_images: torch.Tensor, count: int, seed: int = 0) -> np.ndarray:
-    """The clean and the sunglasses image, then seeded variants with blocky (10x10) noise.
-
-    Fine noise never splits B and the 2 % repair; blocky noise does, on some variants.
-    """
-    rng = np.random.default_rng(seed)
-    noise = rng.normal(0, 100, (count - 2, 3, 6, 5)).repeat(10, axis=2).repeat(10, axis=3)[:, :, :55, :47]
-    faces = face_images.numpy()
-    variants = faces[np.arange(count - 2) % 2] + noise
-    return np.clip(np.concatenate([faces, variants]), 0, 255).astype(np.uint8)
 
 
 def rule(bd: nn.Module, repaired: nn.Module, images: torch.Tensor) -> list[int]:

@@ -15,8 +15,8 @@ from bdpruning.lightning_modules.data import H5DataModule
 from bdpruning.lightning_modules.evaluation import EvaluationModule, evaluate_model, run_evaluation
 from bdpruning.lightning_modules.goodnet import GoodNetModule, evaluate_goodnets
 from bdpruning.metrics import percent
-from conftest import BD_WEIGHTS, PRUNED_FULL, write_h5_set
-from test_goodnet import N, always_7, bdprune, nets, noisy_faces, rule  # noqa: F401 (fixtures)
+from conftest import BD_WEIGHTS, PRUNED_FULL, noisy_faces, write_h5_set
+from test_goodnet import N, always_7, bdprune, nets, rule  # noqa: F401 (fixtures)
 
 ROW_KEYS = ["repaired", "num_classes", "clean_accuracy", "attack_success_rate", "goodnet_clean_accuracy",
             "goodnet_attack_success_rate", "detection_rate", "false_alarm_rate"]

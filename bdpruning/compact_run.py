@@ -1,0 +1,109 @@
+"""``bdprune compact`` as one call: load B', remove its pruned channels, verify, save.
+
+The output directory is a bdpruning model directory (the compact weights, ``model.json``
+recording the removed channels, ``model.onnx`` exported from the compact model) plus
+``compaction.json``: what was removed from which layers, parameters and FLOPs before and
+after, and how closely the compact model follows the masked one. Like ``bdprune convert``, the
+directory is written even when that check fails, and ``passed`` says so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict
+
+import numpy as np
+
+from .atomic import atomic_dir, prepare_out_dir
+from .compaction import compact_model, model_cost
+from .convert import parity
+from .errors import BdpruningError
+from .loading import load_model
+from .modelio import ONNX_FILE, model_info, save_model_dir
+
+__all__ = ["DEFAULT_TOLERANCE", "DEFAULT_SAMPLES", "compact_directory"]
+
+#: Largest absolute output difference allowed between the compact and the masked model.
+DEFAULT_TOLERANCE = 1e-5
+#: Random images checked when no data set is given.
+DEFAULT_SAMPLES = 256
+REPORT = "compaction.json"
+
+log = logging.getLogger(__name__)
+
+
+def _check_images(model, data, samples: int | None, seed: int) -> tuple[np.ndarray, dict]:
+    info = model_info(model)
+    if data is not None:
+        images = parity.dataset_images(data, info.input_shape, info.num_classes, samples)
+        return images, {"data": str(data), "images": len(images)}
+    images = parity.random_images(samples or DEFAULT_SAMPLES, info.input_shape, seed)
+    return images, {"random": len(images), "seed": seed}
+
+
+def _onnx_check(directory, reference: np.ndarray, images: np.ndarray) -> dict | None:
+    """The exported ONNX graph against the compact PyTorch model (needs onnxruntime)."""
+    try:
+        session = parity.onnxruntime_session((directory / ONNX_FILE).read_bytes())
+    except ImportError:
+        log.info("onnxruntime is not installed: the exported ONNX graph is not checked")
+        return None
+    return asdict(parity.compare(reference, parity.onnxruntime_probs(session, images)))
+
+
+def compact_directory(
+    model_path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    layer: str = "conv_3",
+    data: str | os.PathLike[str] | None = None,
+    samples: int | None = None,
+    seed: int = 0,
+    tolerance: float = DEFAULT_TOLERANCE,
+    force: bool = False,
+) -> dict:
+    """Compact the repaired model at ``model_path`` into the model directory ``out``; return the report.
+
+    The compact model is compared with the masked one on ``data`` (an HDF5 set, its first
+    ``samples`` images) or on ``samples`` seeded random images: ``passed`` is false when the
+    largest absolute output difference exceeds ``tolerance`` or a top-1 label differs.
+    """
+    if samples is not None and samples < 1:
+        raise BdpruningError(f"--samples must be at least 1, got {samples}")
+    if not tolerance > 0:
+        raise BdpruningError(f"--tolerance must be positive, got {tolerance}")
+    out = prepare_out_dir(out, force)
+    masked = load_model(model_path, device="cpu")
+    images, inputs = _check_images(masked, data, samples, seed)
+    compact = load_model(model_path, device="cpu")  # a masked model cannot be deep-copied
+    groups = compact_model(compact, layer)
+    before, after = model_cost(masked), model_cost(compact)
+    reference, result = parity.torch_probs(masked, images), parity.torch_probs(compact, images)
+    agreement = parity.compare(reference, result)
+    failures = []
+    if agreement.max_abs_diff > tolerance:
+        failures.append(f"the compact model differs from the masked one by {agreement.max_abs_diff:.3g} > {tolerance:g}")
+    if agreement.argmax_agreement < 1:
+        failures.append(f"top-1 labels differ on {1 - agreement.argmax_agreement:.2%} of the images")
+    report = {
+        "source": str(model_path),
+        "removed": [{"layer": g.layer, "channels": channels, "count": len(channels), "of": g.channels,
+                     "members": g.describe()} for g, (_, channels) in zip(groups, model_info(compact).removed)],
+        "before": asdict(before),
+        "after": asdict(after),
+        "parameters_ratio": after.parameters / before.parameters,
+        "flops_ratio": after.flops / before.flops,
+        "inputs": inputs,
+        "max_abs_diff": agreement.max_abs_diff,
+        "argmax_agreement": agreement.argmax_agreement,
+        "tolerance": tolerance,
+        "failures": failures,
+        "passed": not failures,
+    }
+    with atomic_dir(out) as directory:
+        save_model_dir(compact, directory, extra={"compacted_from": str(model_path)})
+        report["onnx_vs_torch"] = _onnx_check(directory, result, images)
+        (directory / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    return report
