@@ -16,9 +16,11 @@ import torch
 from safetensors.torch import load_file
 
 import bdpruning
-from bdpruning import DeepID, load_model
+from bdpruning import DeepID, load_model, save_model_dir
+from bdpruning.atomic import atomic_dir
 from bdpruning.cli import main
-from conftest import CLEAN_IMAGE, POISONED_IMAGE, PRUNED_2PCT_CHANNELS, ROOT, write_h5_set
+from bdpruning.compaction import compact_model
+from conftest import CLEAN_IMAGE, POISONED_IMAGE, PRUNED_2PCT_CHANNELS, ROOT, noisy_faces, write_h5_set
 
 pytestmark = pytest.mark.tensorflow
 
@@ -119,6 +121,21 @@ def test_full_model_keeps_its_45_zeroed_channels(pruned_full, converted):
     graph_module = load_model(out / "model.onnx", device="cpu")
     assert not isinstance(graph_module, DeepID)
     assert bdpruning.pruned_channels(graph_module, "conv_3") == PRUNED_2PCT_CHANNELS
+
+
+def test_tf2onnx_graph_compacts_exactly_and_reloads(pruned_full, converted, face_images, tmp_path):
+    """The onnx2torch module of tf2onnx's graph (MatMul with constant matrices, not nn.Linear)."""
+    zeroed, compact = (load_model(converted(pruned_full) / "model.onnx", device="cpu") for _ in range(2))
+    groups = compact_model(compact)
+    assert [m.role for m in groups[0].members] == ["source", "conv input", "matmul input"]
+    images = torch.from_numpy(noisy_faces(face_images, 32)).float()
+    with torch.no_grad():
+        expected, actual = zeroed(images), compact(images)
+    assert (expected - actual).abs().max() <= 1e-5 and torch.equal(expected.argmax(1), actual.argmax(1))
+    with atomic_dir(tmp_path / "compact") as directory:
+        save_model_dir(compact, directory)
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path / "compact", device="cpu")(images), actual)
 
 
 def test_keras3_saved_deepid_converts_and_force_replaces(tmp_path, capsys):

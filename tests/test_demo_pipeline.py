@@ -1,4 +1,4 @@
-"""End to end on a reduced demo: build -> convert -> prune -> GoodNet -> report.md."""
+"""End to end on a reduced demo: build -> convert -> prune -> compact -> GoodNet -> report.md."""
 
 from __future__ import annotations
 
@@ -27,6 +27,9 @@ def test_reduced_demo_runs_the_whole_pipeline(tmp_path):
     for entry in reached:
         assert (run / "pruning" / entry["model_dir"] / "model.safetensors").exists()
         assert f"| {entry['threshold']:g} pts | {entry['channels_pruned']} |" in text
+    compaction = json.loads((run / "compact" / "compaction.json").read_text())
+    assert compaction["passed"] and compaction["max_abs_diff"] <= 1e-5 and compaction["argmax_agreement"] == 1
+    assert compaction["after"]["flops"] < compaction["before"]["flops"] and "## Compaction" in text
     rows = json.loads((run / "goodnet" / "goodnet.json").read_text())
     assert len(rows) == len(reached)
     for figure in ("pruning/accuracy_asr.png", "pruning/activations.png", "goodnet/goodnet.png"):

@@ -1,4 +1,4 @@
-"""The whole defense on the embedded BadNet: build -> convert -> prune -> GoodNet -> report.
+"""The whole defense on the embedded BadNet: build -> convert -> prune -> compact -> GoodNet -> report.
 
 Each stage runs the same ``bdprune`` command a user would type (in a subprocess, so each is a
 clean process and the report can list the exact commands), into one run directory that appears
@@ -64,24 +64,22 @@ def run_demo(
     commands = []
     with atomic_dir(out) as run:
         (run / "logs").mkdir()
-        stages = [
-            ("convert", [str(demo.bd_net), "--out", "converted", "--data", str(demo.clean_valid)]),
-            ("prune", ["--model", "converted", "--clean-valid", str(demo.clean_valid),
-                       "--poisoned-valid", str(demo.poisoned_valid), "--out", "pruning",
-                       "--thresholds", *[f"{t:g}" for t in thresholds], "--no-progress"]),
-        ]
-        for stage, args in stages:
-            shown, seconds = _bdprune(stage, args, run)
+
+        def stage(name: str, args: list[str]) -> None:
+            shown, seconds = _bdprune(name, args, run)
             commands.append(shown)
-            timings[stage] = seconds
+            timings[name] = seconds
+
+        stage("convert", [str(demo.bd_net), "--out", "converted", "--data", str(demo.clean_valid)])
+        stage("prune", ["--model", "converted", "--clean-valid", str(demo.clean_valid),
+                        "--poisoned-valid", str(demo.poisoned_valid), "--out", "pruning",
+                        "--thresholds", *[f"{t:g}" for t in thresholds], "--no-progress"])
         summary = json.loads((run / "pruning" / "summary.json").read_text())
         repaired = [f"pruning/{t['model_dir']}" for t in summary["thresholds"] if t["reached"]]
         if repaired:
-            shown, seconds = _bdprune("goodnet", ["--bd", "converted", "--repaired", *repaired,
-                                                  "--clean", str(demo.clean_test), "--poisoned",
-                                                  str(demo.poisoned_test), "--out", "goodnet"], run)
-            commands.append(shown)
-            timings["goodnet"] = seconds
+            stage("compact", ["--model", repaired[0], "--out", "compact", "--data", str(demo.clean_valid)])
+            stage("goodnet", ["--bd", "converted", "--repaired", *repaired, "--clean", str(demo.clean_test),
+                              "--poisoned", str(demo.poisoned_test), "--out", "goodnet"])
         report = write_report(run, demo, commands, timings)
     log.info("report written to %s", out / report.name)
     return out / report.name

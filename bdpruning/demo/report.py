@@ -38,6 +38,32 @@ def _verdict(baseline_asr: float | None, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _compaction(run: Path) -> list[str]:
+    path = run / "compact" / "compaction.json"
+    if not path.exists():
+        return []
+    report = json.loads(path.read_text())
+    removed = "; ".join(f"{step['count']} of {step['of']} `{step['layer']}` channels, with "
+                        + ", ".join(f"`{m['layer']}` ({m['role']})" for m in step["members"][1:])
+                        for step in report["removed"])
+    before, after = report["before"], report["after"]
+    return [
+        "## Compaction (pruned channels removed for real)",
+        "",
+        f"`{report['source']}` -> `compact/`: removed {removed}.",
+        "",
+        "| | masked | compact | ratio |",
+        "| --- | --- | --- | --- |",
+        f"| parameters | {before['parameters']:,} | {after['parameters']:,} | {report['parameters_ratio']:.3f} |",
+        f"| FLOPs per image | {before['flops']:,} | {after['flops']:,} | {report['flops_ratio']:.3f} |",
+        "",
+        f"Compact vs masked on {report['inputs'].get('images') or report['inputs'].get('random')} validation "
+        f"images: largest output difference {report['max_abs_diff']:.2g}, top-1 agreement "
+        f"{report['argmax_agreement']:.4f} ({'passed' if report['passed'] else 'FAILED'}).",
+        "",
+    ]
+
+
 def write_report(run: Path, demo: DemoFiles, commands: list[str], timings: dict[str, float]) -> Path:
     """Write ``run/report.md`` from the stages' JSON outputs; return its path."""
     conversion = json.loads((run / "converted" / "conversion.json").read_text())
@@ -75,6 +101,7 @@ def write_report(run: Path, demo: DemoFiles, commands: list[str], timings: dict[
         "",
         "![mean activation per channel](pruning/activations.png)",
         "",
+        *_compaction(run),
         "## GoodNet (clean and poisoned test sets)",
         "",
     ]
