@@ -1,10 +1,13 @@
-"""The course's HDF5 sets (clean and poisoned; valid and test) as a LightningDataModule.
+"""The course's HDF5 sets (clean and poisoned; valid and test; a clean training set) as a
+LightningDataModule.
 
 Evaluation loaders come in the order of :data:`SET_NAMES`: the clean set first, then the
 poisoned set when one is given, so ``dataloader_idx`` tells a step which set a batch is from.
 Under DDP each process reads its own unpadded shard (:class:`ShardSampler`): Lightning's
 ``DistributedSampler`` pads with duplicates, which would be counted twice. Trainers using this
-module need ``use_distributed_sampler=False``.
+module need ``use_distributed_sampler=False``. The training loader shuffles with a seeded
+``DistributedSampler`` (padded, so every process runs the same number of batches; Lightning
+calls its ``set_epoch``), which gives the same order for a seed in one process or many.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Iterator, Sequence
 
 import pytorch_lightning as pl
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from bdpruning.data import H5ImageSet, read_h5_dataset
 from bdpruning.errors import BdpruningError
@@ -42,7 +45,8 @@ class ShardSampler(Sampler[int]):
 
 
 class H5DataModule(pl.LightningDataModule):
-    """Clean and poisoned HDF5 sets for ``trainer.validate`` (valid sets) and ``trainer.test``.
+    """Clean and poisoned HDF5 sets for ``trainer.validate`` (valid sets) and ``trainer.test``,
+    and a clean training set for ``trainer.fit``, shuffled with ``seed``.
 
     The files are opened and validated here, in the launching process, so a bad file is one
     clear error before any worker process starts; labels are checked against ``num_classes``
@@ -59,6 +63,8 @@ class H5DataModule(pl.LightningDataModule):
         num_workers: int = 0,
         num_classes: int | None = None,
         image_shape: Sequence[int] | None = None,
+        clean_train: PathLike | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if batch_size < 1 or num_workers < 0:
@@ -70,6 +76,8 @@ class H5DataModule(pl.LightningDataModule):
 
         self.test_sets = self._ordered(read(clean_test), read(poisoned_test), "test")
         self.valid_sets = self._ordered(read(clean_valid), read(poisoned_valid), "valid")
+        self.train_set = read(clean_train)
+        self.seed = seed
 
     @classmethod
     def for_model(cls, model: nn.Module, **sets_and_options) -> "H5DataModule":
@@ -83,18 +91,34 @@ class H5DataModule(pl.LightningDataModule):
             raise BdpruningError(f"a poisoned {stage} set needs its clean {stage} set")
         return [s for s in (clean, poisoned) if s is not None]
 
+    def check_processes(self, world_size: int) -> None:
+        """Refuse a set with fewer images than processes (call it before processes are started)."""
+        for dataset in [*self.test_sets, *self.valid_sets, *([self.train_set] if self.train_set else [])]:
+            if len(dataset) < world_size:
+                raise BdpruningError(f"{dataset.path}: {len(dataset)} images for {world_size} processes")
+
+    def _rank_and_world_size(self) -> tuple[int, int]:
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+
     def _loaders(self, sets: list[H5ImageSet], stage: str) -> list[DataLoader]:
         if not sets:
             raise BdpruningError(f"no clean {stage} set was given")
-        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        for dataset in sets:
-            if len(dataset) < world_size:
-                raise BdpruningError(f"{dataset.path}: {len(dataset)} images for {world_size} processes")
+        rank, world_size = self._rank_and_world_size()
+        self.check_processes(world_size)
         return [
             DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
                        sampler=ShardSampler(len(dataset), rank, world_size))
             for dataset in sets
         ]
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            raise BdpruningError("no clean training set was given")
+        rank, world_size = self._rank_and_world_size()
+        sampler = DistributedSampler(self.train_set, num_replicas=world_size, rank=rank, shuffle=True,
+                                     seed=self.seed)
+        return DataLoader(self.train_set, batch_size=self.batch_size, num_workers=self.num_workers,
+                          sampler=sampler)
 
     def val_dataloader(self) -> list[DataLoader]:
         return self._loaders(self.valid_sets, "valid")

@@ -81,19 +81,20 @@ def check_devices(accelerator: str = "auto", devices: int = 1) -> None:
 
 
 def make_trainer(
-    accelerator: str = "auto", devices: int = 1, strategy: str = "auto", progress: bool = False
+    accelerator: str = "auto", devices: int = 1, strategy: str = "auto", progress: bool = False, **trainer_args
 ) -> pl.Trainer:
-    """A Trainer for evaluation that writes nothing: no logger, no checkpoints, no summary.
+    """A Trainer that writes nothing: no logger, no checkpoints, no summary.
 
     One process by default; ``devices > 1`` with ``strategy="ddp"`` (scripts: Lightning
     re-runs the command in each process) or ``"ddp_spawn"`` (also from notebooks and tests).
+    ``trainer_args`` go to ``pl.Trainer`` (``max_epochs`` for training, say).
     """
     check_devices(accelerator, devices)
     return pl.Trainer(
         accelerator=accelerator, devices=devices, strategy=strategy,
         logger=False, enable_checkpointing=False, enable_model_summary=False,
         enable_progress_bar=progress, use_distributed_sampler=False,
-        default_root_dir=tempfile.gettempdir(),
+        default_root_dir=tempfile.gettempdir(), **trainer_args,
     )
 
 
@@ -106,6 +107,8 @@ def run_evaluation(
     main process reports. ``trainer_options`` go to :func:`make_trainer`.
     """
     trainer = make_trainer(**trainer_options)
+    if isinstance(datamodule, H5DataModule):
+        datamodule.check_processes(trainer.world_size)  # here, not as a traceback from a spawned process
     run = {"test": trainer.test, "validate": trainer.validate}[stage]
     results = run(module, datamodule=datamodule, verbose=False)
     if not trainer.is_global_zero:

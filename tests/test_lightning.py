@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from bdpruning import BdpruningError
 from bdpruning.lightning_modules.data import H5DataModule
 from bdpruning.lightning_modules.evaluation import EvaluationModule, evaluate_model, run_evaluation
 from bdpruning.lightning_modules.goodnet import GoodNetModule, evaluate_goodnets
@@ -146,3 +147,9 @@ def test_cli_bad_input_is_one_line_exit_2(sets, tmp_path, capsys):
         code, out, err = bdprune(capsys, *evaluate, *args)
         assert (code, out) == (2, "") and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_more_processes_than_images_is_refused_before_they_start(nets, tmp_path):
+    one = write_h5_set(tmp_path / "one.h5", np.zeros((1, 3, 55, 47), np.uint8), np.zeros(1))
+    with pytest.raises(BdpruningError, match="one.h5: 1 images for 2 processes"):
+        evaluate_model(nets[0], one, accelerator="cpu", devices=2, strategy="ddp_spawn")
