@@ -18,7 +18,7 @@ from .errors import BdpruningError
 from .layers import find_layer
 
 __all__ = ["prune_channels", "pruned_channels", "masked_channels", "pruned_layers", "plain_state_dict",
-           "channel_count"]
+           "refresh_masked_weights", "channel_count"]
 
 
 def channel_count(module: nn.Module) -> int:
@@ -43,9 +43,10 @@ def prune_channels(model: nn.Module, layer: str, channels: Iterable[int]) -> nn.
     keep = torch.ones(count, device=module.weight.device)
     keep[channels] = 0
     weight_mask = keep.view(-1, *([1] * (module.weight.dim() - 1))).expand_as(module.weight)
-    prune.custom_from_mask(module, "weight", weight_mask.clone())
-    if getattr(module, "bias", None) is not None:
-        prune.custom_from_mask(module, "bias", keep.clone())
+    with torch.no_grad():  # the masked tensors start as leaves: the model can be copied and pickled
+        prune.custom_from_mask(module, "weight", weight_mask.clone())
+        if getattr(module, "bias", None) is not None:
+            prune.custom_from_mask(module, "bias", keep.clone())
     return model
 
 
@@ -85,16 +86,30 @@ def pruned_layers(model: nn.Module, layer: str = "conv_3") -> dict[str, list[int
     return {name: zeroed}
 
 
+def refresh_masked_weights(model: nn.Module) -> nn.Module:
+    """Recompute every masked ``weight = weight_orig * weight_mask`` now, as a leaf tensor.
+
+    ``torch.nn.utils.prune`` recomputes it in a forward pre-hook, so after an optimizer step or
+    ``load_state_dict`` it is stale until the next forward, and after a training forward it
+    carries autograd history (which cannot be copied or pickled). Returns ``model``.
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            for hook in list(module._forward_pre_hooks.values()):
+                if isinstance(hook, prune.BasePruningMethod):
+                    hook(module, ())
+    return model
+
+
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict with masks applied and ``*_orig``/``*_mask`` folded into plain names."""
+    """A copy of the state dict with masks applied: ``*_orig`` x ``*_mask`` under the plain names."""
+    raw = model.state_dict()
     state = {}
-    for key, value in model.state_dict().items():
+    for key, value in raw.items():
         if key.endswith("_mask"):
             continue
         if key.endswith("_orig"):
             key = key[: -len("_orig")]
-            module_name, _, param = key.rpartition(".")
-            module = model.get_submodule(module_name) if module_name else model
-            value = getattr(module, param)
-        state[key] = value.detach().contiguous().cpu()
+            value = value * raw[key + "_mask"]
+        state[key] = value.detach().cpu().clone().contiguous()
     return state

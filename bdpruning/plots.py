@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["plot_sweep", "plot_activations", "plot_goodnet"]
+__all__ = ["plot_sweep", "plot_activations", "plot_goodnet", "plot_finetune"]
 
 
 def _save(fig: "plt.Figure", path: str | os.PathLike[str]) -> None:
@@ -89,4 +89,26 @@ def plot_goodnet(rows: Sequence[dict], path: str | os.PathLike[str]) -> None:
     ax.set_ylim(0, 110)
     ax.set_title("Repaired models B' (GoodNet's second net)")
     ax.legend(loc="upper right")
+    _save(fig, path)
+
+
+def plot_finetune(history: Sequence[dict], path: str | os.PathLike[str]) -> None:
+    """Clean accuracy and attack success rate (percent) per fine-tuning epoch (0 = before).
+
+    ``history`` holds rows with ``epoch``, ``clean_accuracy`` and ``attack_success_rate`` (None
+    without a poisoned set: that line is left out).
+    """
+    epochs = [row["epoch"] for row in history]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(epochs, [row["clean_accuracy"] for row in history], marker="o", label="clean accuracy")
+    if all(row["attack_success_rate"] is not None for row in history):
+        ax.plot(epochs, [row["attack_success_rate"] for row in history], marker="o", color="tab:red",
+                label="attack success rate")
+    ax.set_xticks(epochs if len(epochs) <= 20 else epochs[:: max(1, len(epochs) // 20)])
+    ax.set_xlabel("epoch of fine-tuning (0 = repaired model before)")
+    ax.set_ylabel("percent")
+    ax.set_ylim(0, 101)
+    ax.set_title("Fine-pruning: the repaired model fine-tuned on clean data")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center right")
     _save(fig, path)

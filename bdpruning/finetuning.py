@@ -1,0 +1,183 @@
+"""Fine-pruning: fine-tune a repaired model B' on clean data with its pruned channels held at zero.
+
+The pieces here work without Lightning: the loss on softmax outputs, the optimizer, freezing the
+pruned channels with masks (:func:`keep_pruned_at_zero`), the per-epoch history, and writing a
+run's directory. The training loop itself is
+:func:`bdpruning.lightning_modules.finetune.finetune_model`::
+
+    from bdpruning.lightning_modules.finetune import finetune_model
+    result = finetune_model(load_model("repaired_4pct"), "clean_valid.h5", epochs=5,
+                            poisoned_eval="poisoned_valid.h5")
+    save_finetune_run(result, "runs/finetune")     # a model directory plus finetune.json/csv/png
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .atomic import atomic_dir, prepare_out_dir
+from .errors import BdpruningError
+from .masks import masked_channels, prune_channels, pruned_layers
+from .metrics import EVALUATION_COUNTS, evaluation_rates
+from .modelio import save_model_dir
+from .models.deepid import DeepID
+
+__all__ = [
+    "OPTIMIZERS",
+    "DEFAULT_LR",
+    "FinetuneResult",
+    "log_probabilities",
+    "finetune_loss",
+    "make_optimizer",
+    "check_finetune_settings",
+    "keep_pruned_at_zero",
+    "history_rows",
+    "save_finetune_run",
+]
+
+#: Optimizers :func:`make_optimizer` builds (SGD with momentum 0.9).
+OPTIMIZERS = ("adam", "sgd")
+#: Learning rate per optimizer used when none is given.
+DEFAULT_LR = {"adam": 1e-3, "sgd": 1e-3}
+
+#: Columns of ``finetune.csv``.
+HISTORY_COLUMNS = ("epoch", "train_loss", "clean_accuracy", "attack_success_rate") + EVALUATION_COUNTS
+
+
+def log_probabilities(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Log class probabilities of ``model`` on ``images``, for training.
+
+    bdpruning's models end in softmax, as the Keras models do, and in float32 a confident
+    softmax saturates: the true class's probability can underflow, which leaves no gradient.
+    For :class:`~bdpruning.models.DeepID` the logits are taken from its ``output`` layer with a
+    forward hook, so the result is exact and always has a gradient. For other models it is
+    ``log(probabilities)`` clamped at 1e-12, with no gradient from a class below that.
+    """
+    if not isinstance(model, DeepID):
+        return torch.log(model(images).clamp_min(1e-12))
+    logits = []
+    handle = model.output.register_forward_hook(lambda module, inputs, output: logits.append(output))
+    try:
+        model(images)
+    finally:
+        handle.remove()
+    return F.log_softmax(logits[0], dim=1)
+
+
+def finetune_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood of ``labels`` (cross-entropy), see :func:`log_probabilities`."""
+    return F.nll_loss(log_probabilities(model, images), labels)
+
+
+def make_optimizer(parameters: Iterable[nn.Parameter], name: str, lr: float) -> torch.optim.Optimizer:
+    """Adam, or SGD with momentum 0.9."""
+    if name == "adam":
+        return torch.optim.Adam(parameters, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(parameters, lr=lr, momentum=0.9)
+    raise BdpruningError(f"unknown optimizer {name!r} (use {' or '.join(OPTIMIZERS)})")
+
+
+def check_finetune_settings(epochs: int, lr: float, batch_size: int, optimizer: str) -> None:
+    """Refuse settings that cannot train: epochs < 1, a learning rate that is not > 0, ..."""
+    if optimizer not in OPTIMIZERS:
+        raise BdpruningError(f"unknown optimizer {optimizer!r} (use {' or '.join(OPTIMIZERS)})")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise BdpruningError(f"--epochs must be an integer of at least 1 (got {epochs!r})")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise BdpruningError(f"--lr must be a finite number above 0 (got {lr!r})")
+    if batch_size < 1:
+        raise BdpruningError(f"--batch-size must be at least 1 (got {batch_size})")
+
+
+def keep_pruned_at_zero(model: nn.Module, layer: str = "conv_3") -> dict[str, list[int]]:
+    """Make sure training cannot bring pruned channels back; return ``{layer: channels}``.
+
+    A model with pruning masks keeps them (see :mod:`bdpruning.masks`). A model without masks
+    (a B' from a Keras file, whose pruned channels are only zeroed) gets masks on the all-zero
+    channels of ``layer``. Refuses a model with nothing pruned.
+    """
+    pruned = pruned_layers(model, layer)
+    if not any(masked_channels(model).values()):
+        for name, channels in pruned.items():
+            prune_channels(model, name, channels)
+    return pruned
+
+
+def history_rows(counts: torch.Tensor, train_loss: torch.Tensor) -> list[dict]:
+    """One row per epoch (0 = before fine-tuning) from the per-epoch counts and mean train loss.
+
+    ``counts`` is (epochs + 1, len(EVALUATION_COUNTS)) in that order; ``train_loss`` holds NaN
+    for epoch 0. Rates are in percent, None where a set is absent.
+    """
+    rows = []
+    for epoch, (row, loss) in enumerate(zip(counts.tolist(), train_loss.tolist())):
+        row_counts = dict(zip(EVALUATION_COUNTS, (int(v) for v in row)))
+        rows.append({"epoch": epoch, "train_loss": None if math.isnan(loss) else loss,
+                     **evaluation_rates(row_counts), **row_counts})
+    return rows
+
+
+@dataclass
+class FinetuneResult:
+    """A fine-tuned model, its pruned channels and the evaluation before and after every epoch."""
+
+    model: nn.Module
+    pruned: dict[str, list[int]]
+    history: list[dict]  # see history_rows; history[0] is before fine-tuning
+    settings: dict
+    sets: dict[str, str | None]  # train, clean_eval, poisoned_eval
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def before(self) -> dict:
+        return self.history[0]
+
+    @property
+    def after(self) -> dict:
+        return self.history[-1]
+
+    def summary(self) -> dict:
+        """Everything but the model, as JSON-ready data (``finetune.json``)."""
+        return {**self.extra, "settings": self.settings, "sets": self.sets, "pruned": self.pruned,
+                "seconds": self.seconds, "before": self.before, "after": self.after, "history": self.history}
+
+
+def _write_history_csv(rows: Sequence[dict], path: Path) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+
+
+def save_finetune_run(result: FinetuneResult, out: str | os.PathLike[str], force: bool = False) -> Path:
+    """Write ``out`` atomically: the fine-tuned model as a bdpruning model directory (so
+    ``load_model(out)`` and ``bdprune goodnet --repaired out`` take it) plus ``finetune.json``,
+    ``finetune.csv`` and ``finetune.png`` (clean accuracy and ASR per epoch)."""
+    from .plots import plot_finetune
+
+    out = prepare_out_dir(out, force)
+    summary = result.summary()
+    record = {key: summary[key] for key in (*result.extra, "settings", "sets")}
+    record.update(before=_rates(result.before), after=_rates(result.after))
+    with atomic_dir(out) as directory:
+        save_model_dir(result.model, directory, extra={"finetuned": record})
+        (directory / "finetune.json").write_text(json.dumps(summary, indent=2) + "\n")
+        _write_history_csv(result.history, directory / "finetune.csv")
+        plot_finetune(result.history, directory / "finetune.png")
+    return out
+
+
+def _rates(row: dict) -> dict:
+    return {key: row[key] for key in ("clean_accuracy", "attack_success_rate")}
