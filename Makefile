@@ -25,8 +25,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
+# Each benchmark prints ratios measured side by side in one run (see README, Benchmarks).
 bench: $(STAMP)
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/bench_compact.py
+	$(PY) benchmarks/bench_convert.py
+	$(PY) benchmarks/bench_sweep.py --images 2048
 
 clean:
 	rm -rf runs build *.egg-info .pytest_cache

@@ -1,4 +1,4 @@
-"""End to end on a reduced demo: build -> convert -> prune -> compact -> GoodNet -> report.md."""
+"""End to end on a reduced demo: build -> convert -> prune -> fine-prune -> compact -> GoodNet -> report.md."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from bdpruning.demo.pipeline import run_demo
 @pytest.mark.slow
 def test_reduced_demo_runs_the_whole_pipeline(tmp_path):
     small = {"epochs": 1, "train_per_class": 30, "valid_per_class": 10, "test_per_class": 10}
-    report = run_demo(tmp_path / "run", tmp_path / "cache", thresholds=(2, 4), build_options=small)
+    report = run_demo(tmp_path / "run", tmp_path / "cache", thresholds=(2, 4), finetune_epochs=2, build_options=small)
     run = tmp_path / "run"
     assert report == run / "report.md"
     text = report.read_text()
@@ -30,10 +30,16 @@ def test_reduced_demo_runs_the_whole_pipeline(tmp_path):
     compaction = json.loads((run / "compact" / "compaction.json").read_text())
     assert compaction["passed"] and compaction["max_abs_diff"] <= 1e-5 and compaction["argmax_agreement"] == 1
     assert compaction["after"]["flops"] < compaction["before"]["flops"] and "## Compaction" in text
+    assert compaction["source"] == "finetuned"  # the deployable model: fine-pruned, then compacted
+    finetuned = json.loads((run / "finetuned" / "finetune.json").read_text())
+    assert finetuned["model"] == f"pruning/{reached[0]['model_dir']}" and len(finetuned["history"]) == 3
+    assert finetuned["pruned"]["conv_3"] == sorted(reached[0]["pruned_channels"]) and "## Fine-pruning" in text
+    assert f"| after 2 epochs | {finetuned['after']['clean_accuracy']:.2f} % |" in text
     rows = json.loads((run / "goodnet" / "goodnet.json").read_text())
-    assert len(rows) == len(reached)
-    for figure in ("pruning/accuracy_asr.png", "pruning/activations.png", "goodnet/goodnet.png"):
+    assert [row["repaired"] for row in rows] == [*(f"pruning/{t['model_dir']}" for t in reached), "finetuned"]
+    for figure in ("pruning/accuracy_asr.png", "pruning/activations.png", "finetuned/finetune.png",
+                   "goodnet/goodnet.png"):
         assert (run / figure).stat().st_size > 1000 and f"]({figure})" in text
     # the build is cached: a second run reuses it and replaces the run directory
-    run_demo(tmp_path / "run", tmp_path / "cache", thresholds=(2, 4), build_options=small)
+    run_demo(tmp_path / "run", tmp_path / "cache", thresholds=(2, 4), finetune_epochs=2, build_options=small)
     assert json.loads((run / "pruning" / "summary.json").read_text()) == summary

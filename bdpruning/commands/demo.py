@@ -12,12 +12,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", help="where the demo data and BadNet are built and reused "
                                         "(default $XDG_CACHE_HOME/bdpruning/demo)")
     parser.add_argument("--thresholds", type=float, nargs="+", default=[2.0, 4.0, 10.0, 20.0])
+    parser.add_argument("--finetune-epochs", type=int, default=10,
+                        help="epochs of fine-pruning for the first repaired model (default: 10)")
     parser.add_argument("--seed", type=int, default=0)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..demo.pipeline import run_demo
 
-    report = run_demo(args.out, args.cache, thresholds=args.thresholds, build_options={"seed": args.seed})
+    report = run_demo(args.out, args.cache, thresholds=args.thresholds,
+                      finetune_epochs=args.finetune_epochs, build_options={"seed": args.seed})
     print(f"report: {report}")
     return 0

@@ -1,4 +1,5 @@
-"""The whole defense on the embedded BadNet: build -> convert -> prune -> compact -> GoodNet -> report.
+"""The whole defense on the embedded BadNet: build -> convert -> prune -> fine-prune -> compact -> GoodNet
+-> report.
 
 Each stage runs the same ``bdprune`` command a user would type (in a subprocess, so each is a
 clean process and the report can list the exact commands), into one run directory that appears
@@ -54,9 +55,15 @@ def run_demo(
     cache: str | os.PathLike[str] | None = None,
     *,
     thresholds: Sequence[float] = (2.0, 4.0, 10.0, 20.0),
+    finetune_epochs: int = 10,
     build_options: dict | None = None,
 ) -> Path:
-    """Run the pipeline into ``out`` (replaced atomically); return the report's path."""
+    """Run the pipeline into ``out`` (replaced atomically); return the report's path.
+
+    The first repaired model (lowest threshold reached) is fine-tuned on the clean validation set
+    for ``finetune_epochs`` (evaluated on the test sets), then compacted: the deployable B'.
+    GoodNet is evaluated with every repaired model and the fine-tuned one.
+    """
     out = Path(out)
     start = time.perf_counter()
     demo: DemoFiles = build_demo(Path(cache or default_cache_dir()).resolve(), **(build_options or {}))
@@ -77,9 +84,12 @@ def run_demo(
         summary = json.loads((run / "pruning" / "summary.json").read_text())
         repaired = [f"pruning/{t['model_dir']}" for t in summary["thresholds"] if t["reached"]]
         if repaired:
-            stage("compact", ["--model", repaired[0], "--out", "compact", "--data", str(demo.clean_valid)])
-            stage("goodnet", ["--bd", "converted", "--repaired", *repaired, "--clean", str(demo.clean_test),
-                              "--poisoned", str(demo.poisoned_test), "--out", "goodnet"])
+            stage("finetune", ["--model", repaired[0], "--clean-valid", str(demo.clean_valid),
+                               "--clean-test", str(demo.clean_test), "--poisoned-test", str(demo.poisoned_test),
+                               "--epochs", str(finetune_epochs), "--out", "finetuned"])
+            stage("compact", ["--model", "finetuned", "--out", "compact", "--data", str(demo.clean_valid)])
+            stage("goodnet", ["--bd", "converted", "--repaired", *repaired, "finetuned", "--clean",
+                              str(demo.clean_test), "--poisoned", str(demo.poisoned_test), "--out", "goodnet"])
         report = write_report(run, demo, commands, timings)
     log.info("report written to %s", out / report.name)
     return out / report.name

@@ -64,6 +64,41 @@ def _compaction(run: Path) -> list[str]:
     ]
 
 
+def _finetuning(run: Path) -> list[str]:
+    path = run / "finetuned" / "finetune.json"
+    if not path.exists():
+        return []
+    report = json.loads(path.read_text())
+    before, after = report["before"], report["after"]
+    asr_before, asr_after = before["attack_success_rate"], after["attack_success_rate"]  # the demo has poisoned sets
+    if asr_after < 5:
+        verdict = f"Fine-pruning removed the backdoor: ASR {_pct(asr_before)} -> {_pct(asr_after)}."
+    elif asr_after < asr_before:
+        verdict = (f"Fine-pruning weakened the backdoor (ASR {_pct(asr_before)} -> {_pct(asr_after)}) "
+                   "but did not remove it.")
+    else:
+        verdict = f"Fine-pruning did **not** weaken the backdoor: ASR {_pct(asr_before)} -> {_pct(asr_after)}."
+    settings = report["settings"]
+    return [
+        "## Fine-pruning (the repaired model fine-tuned on clean data)",
+        "",
+        f"`{report['model']}` ({', '.join(f'{len(c)} `{layer}` channels' for layer, c in report['pruned'].items())} "
+        f"pruned, held at zero) fine-tuned on the clean validation set for {settings['epochs']} epochs "
+        f"({settings['optimizer']}, learning rate {settings['lr']:g}, batch {settings['batch_size']}, seed "
+        f"{settings['seed']}); evaluated on the test sets before and after every epoch.",
+        "",
+        "| | clean accuracy | ASR |",
+        "| --- | --- | --- |",
+        f"| before | {_pct(before['clean_accuracy'])} | {_pct(asr_before)} |",
+        f"| after {settings['epochs']} epochs | {_pct(after['clean_accuracy'])} | {_pct(asr_after)} |",
+        "",
+        verdict,
+        "",
+        "![fine-pruning: clean accuracy and ASR per epoch](finetuned/finetune.png)",
+        "",
+    ]
+
+
 def write_report(run: Path, demo: DemoFiles, commands: list[str], timings: dict[str, float]) -> Path:
     """Write ``run/report.md`` from the stages' JSON outputs; return its path."""
     conversion = json.loads((run / "converted" / "conversion.json").read_text())
@@ -101,6 +136,7 @@ def write_report(run: Path, demo: DemoFiles, commands: list[str], timings: dict[
         "",
         "![mean activation per channel](pruning/activations.png)",
         "",
+        *_finetuning(run),
         *_compaction(run),
         "## GoodNet (clean and poisoned test sets)",
         "",
