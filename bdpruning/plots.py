@@ -19,6 +19,17 @@ def _save(fig: "plt.Figure", path: str | os.PathLike[str]) -> None:
     plt.close(fig)
 
 
+def _plot_rates(ax: "plt.Axes", x: Sequence[float], clean_accuracy: Sequence[float],
+                attack_success_rate: Sequence[float] | None, marker: str) -> None:
+    """Clean accuracy and (when given) ASR in percent against ``x``, on a 0..100 axis."""
+    ax.plot(x, clean_accuracy, marker=marker, label="clean accuracy")
+    if attack_success_rate is not None:
+        ax.plot(x, attack_success_rate, marker=marker, color="tab:red", label="attack success rate")
+    ax.set_ylabel("percent")
+    ax.set_ylim(0, 101)
+    ax.grid(alpha=0.3)
+
+
 def plot_sweep(
     fractions: Sequence[float],
     clean_accuracy: Sequence[float],
@@ -32,10 +43,7 @@ def plot_sweep(
     ``thresholds`` holds ``(T, fraction where B'_T was taken or None)``.
     """
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    percent = [100 * f for f in fractions]
-    ax.plot(percent, clean_accuracy, marker=".", label="clean accuracy")
-    if attack_success_rate is not None:
-        ax.plot(percent, attack_success_rate, marker=".", color="tab:red", label="attack success rate")
+    _plot_rates(ax, [100 * f for f in fractions], clean_accuracy, attack_success_rate, marker=".")
     at: dict[float, list[float]] = {}
     for threshold, fraction in thresholds:
         if fraction is not None:
@@ -46,10 +54,7 @@ def plot_sweep(
         ax.annotate(label, (100 * fraction, 2), rotation=90, fontsize=8, color="grey",
                     xytext=(3, 0), textcoords="offset points")
     ax.set_xlabel(f"channels of {layer} pruned (%)")
-    ax.set_ylabel("percent")
-    ax.set_ylim(0, 101)
     ax.set_title("Pruning sweep")
-    ax.grid(alpha=0.3)
     ax.legend(loc="lower left")
     _save(fig, path)
 
@@ -99,16 +104,12 @@ def plot_finetune(history: Sequence[dict], path: str | os.PathLike[str]) -> None
     without a poisoned set: that line is left out).
     """
     epochs = [row["epoch"] for row in history]
+    asr = [row["attack_success_rate"] for row in history]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(epochs, [row["clean_accuracy"] for row in history], marker="o", label="clean accuracy")
-    if all(row["attack_success_rate"] is not None for row in history):
-        ax.plot(epochs, [row["attack_success_rate"] for row in history], marker="o", color="tab:red",
-                label="attack success rate")
+    _plot_rates(ax, epochs, [row["clean_accuracy"] for row in history],
+                asr if all(value is not None for value in asr) else None, marker="o")
     ax.set_xticks(epochs if len(epochs) <= 20 else epochs[:: max(1, len(epochs) // 20)])
     ax.set_xlabel("epoch of fine-tuning (0 = repaired model before)")
-    ax.set_ylabel("percent")
-    ax.set_ylim(0, 101)
     ax.set_title("Fine-pruning: the repaired model fine-tuned on clean data")
-    ax.grid(alpha=0.3)
     ax.legend(loc="center right")
     _save(fig, path)
