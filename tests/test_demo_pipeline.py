@@ -43,3 +43,12 @@ def test_reduced_demo_runs_the_whole_pipeline(tmp_path):
     # the build is cached: a second run reuses it and replaces the run directory
     run_demo(tmp_path / "run", tmp_path / "cache", thresholds=(2, 4), finetune_epochs=2, build_options=small)
     assert json.loads((run / "pruning" / "summary.json").read_text()) == summary
+
+
+def test_bad_finetune_epochs_are_refused_before_the_build(tmp_path, capsys):
+    from bdpruning.cli import main
+
+    code = main(["demo", "--finetune-epochs", "0", "--out", str(tmp_path / "run"), "--cache", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert code == 2 and err == "bdprune demo: error: --finetune-epochs must be at least 1 (got 0)\n"
+    assert list(tmp_path.iterdir()) == []  # no cache built, no run directory

@@ -22,7 +22,8 @@ def add_lightning_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--devices", type=int, default=1, help="processes/GPUs (default: 1)")
     parser.add_argument("--strategy", default="auto", choices=["auto", "ddp", "ddp_spawn"],
                         help="with --devices > 1: ddp (re-runs the command per process) or ddp_spawn")
-    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=512,
+                        help="images per batch and process (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
 
 

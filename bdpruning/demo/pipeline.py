@@ -64,6 +64,8 @@ def run_demo(
     for ``finetune_epochs`` (evaluated on the test sets), then compacted: the deployable B'.
     GoodNet is evaluated with every repaired model and the fine-tuned one.
     """
+    if finetune_epochs < 1:
+        raise BdpruningError(f"--finetune-epochs must be at least 1 (got {finetune_epochs})")
     out = Path(out)
     start = time.perf_counter()
     demo: DemoFiles = build_demo(Path(cache or default_cache_dir()).resolve(), **(build_options or {}))
