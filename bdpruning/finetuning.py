@@ -27,6 +27,7 @@ from torch import nn
 
 from .atomic import atomic_dir, prepare_out_dir
 from .errors import BdpruningError
+from .keras_h5 import write_keras_copy
 from .masks import masked_channels, prune_channels, pruned_layers
 from .metrics import EVALUATION_COUNTS, evaluation_rates
 from .modelio import save_model_dir
@@ -164,7 +165,8 @@ def _write_history_csv(rows: Sequence[dict], path: Path) -> None:
 def save_finetune_run(result: FinetuneResult, out: str | os.PathLike[str], force: bool = False) -> Path:
     """Write ``out`` atomically: the fine-tuned model as a bdpruning model directory (so
     ``load_model(out)`` and ``bdprune goodnet --repaired out`` take it) plus ``finetune.json``,
-    ``finetune.csv`` and ``finetune.png`` (clean accuracy and ASR per epoch)."""
+    ``finetune.csv`` and ``finetune.png`` (clean accuracy and ASR per epoch), and ``model.h5``
+    when the model came from a DeepID Keras file (its layout, pruned channels zeroed)."""
     from .plots import plot_finetune
 
     out = prepare_out_dir(out, force)
@@ -176,6 +178,7 @@ def save_finetune_run(result: FinetuneResult, out: str | os.PathLike[str], force
         (directory / "finetune.json").write_text(json.dumps(summary, indent=2) + "\n")
         _write_history_csv(result.history, directory / "finetune.csv")
         plot_finetune(result.history, directory / "finetune.png")
+        write_keras_copy(result.model, directory / "model.h5")
     return out
 
 

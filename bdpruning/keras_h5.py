@@ -17,10 +17,12 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
+from torch import nn
 
 from .atomic import atomic_path
 from .errors import BdpruningError, file_error
 from .masks import plain_state_dict
+from .modelio import model_info
 from .models.deepid import DeepID
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "deepid_from_keras",
     "deepid_state_dict",
     "write_deepid_weights",
+    "write_keras_copy",
     "fits_deepid",
 ]
 
@@ -202,6 +205,17 @@ def deepid_from_keras(path: str | os.PathLike[str], h5: KerasH5 | None = None) -
     model = DeepID(num_classes)
     model.load_state_dict(deepid_state_dict(h5))
     return model.eval()
+
+
+def write_keras_copy(model: nn.Module, out: str | os.PathLike[str]) -> bool:
+    """Write ``model``'s weights to ``out`` in the layout of the DeepID Keras ``.h5`` it was loaded
+    from (see :func:`write_deepid_weights`); return False, writing nothing, for any other model."""
+    info = model_info(model)
+    source = Path(info.source)
+    if info.architecture != "deepid" or source.suffix.lower() not in (".h5", ".hdf5") or not source.exists():
+        return False
+    write_deepid_weights(model, source, out)
+    return True
 
 
 def write_deepid_weights(model: DeepID, template: str | os.PathLike[str], out: str | os.PathLike[str]) -> None:

@@ -12,7 +12,7 @@ from torch import nn
 
 from .atomic import atomic_dir, prepare_out_dir
 from .data import read_h5_dataset
-from .keras_h5 import write_deepid_weights
+from .keras_h5 import write_keras_copy
 from .loading import load_model
 from .masks import prune_channels
 from .modelio import model_info, save_model_dir
@@ -24,18 +24,10 @@ __all__ = ["prune_model", "save_repaired_models"]
 log = logging.getLogger(__name__)
 
 
-def _keras_template(model: nn.Module) -> Path | None:
-    info = model_info(model)
-    source = Path(info.source)
-    if info.architecture == "deepid" and source.suffix.lower() in (".h5", ".hdf5") and source.exists():
-        return source
-    return None
-
-
 def save_repaired_models(model: nn.Module, result: SweepResult, directory: Path) -> None:
     """Save B'_T for every reached threshold: a model directory, plus ``model.h5`` when the
     model came from a DeepID Keras file (its layout, with the pruned channels zeroed)."""
-    template = _keras_template(model)
+    keras_copies = []
     for hit in result.thresholds:
         if not hit.reached:
             continue
@@ -46,9 +38,8 @@ def save_repaired_models(model: nn.Module, result: SweepResult, directory: Path)
             "threshold": hit.threshold, "step": hit.step,
             "clean_accuracy": hit.clean_accuracy, "attack_success_rate": hit.attack_success_rate,
         })
-        if template is not None:
-            write_deepid_weights(repaired, template, target / "model.h5")
-    if template is None:
+        keras_copies.append(write_keras_copy(repaired, target / "model.h5"))
+    if not all(keras_copies):
         log.info("no Keras .h5 written for the repaired models: the source is not a DeepID .h5 file")
 
 

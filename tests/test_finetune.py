@@ -19,7 +19,7 @@ from torch import nn
 from bdpruning import GoodNet, find_layer, load_model, save_model_dir
 from bdpruning.finetuning import finetune_loss, log_probabilities, save_finetune_run
 from bdpruning.lightning_modules.finetune import finetune_model
-from bdpruning.masks import masked_channels, plain_state_dict, prune_channels
+from bdpruning.masks import masked_channels, plain_state_dict, prune_channels, pruned_layers
 from bdpruning.models import DeepID
 from conftest import PRUNED_2PCT_CHANNELS, noisy_faces, write_h5_set
 from test_goodnet import bdprune
@@ -159,8 +159,11 @@ def test_a_keras_b_prime_keeps_its_zeroed_channels_and_serves_in_goodnet(pruned_
     out = save_finetune_run(result, tmp_path / "finetuned")
     repaired = load_model(out, device="cpu")
     assert masked_channels(repaired) == {"conv_3": PRUNED_2PCT_CHANNELS}
+    keras_copy = load_model(out / "model.h5", device="cpu")  # the fine-tuned weights in the Keras file's layout
+    assert pruned_layers(keras_copy) == {"conv_3": PRUNED_2PCT_CHANNELS}
     with torch.no_grad():
         assert torch.equal(repaired(images), model(images))
+        torch.testing.assert_close(keras_copy(images), model(images), rtol=0, atol=1e-6)
     labels = GoodNet(load_model(bd_weights, device="cpu"), repaired)(face_images)
     assert labels.shape == (2,) and labels.dtype == torch.int64
 
