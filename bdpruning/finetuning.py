@@ -89,16 +89,20 @@ def make_optimizer(parameters: Iterable[nn.Parameter], name: str, lr: float) -> 
     raise BdpruningError(f"unknown optimizer {name!r} (use {' or '.join(OPTIMIZERS)})")
 
 
-def check_finetune_settings(epochs: int, lr: float, batch_size: int, optimizer: str) -> None:
-    """Refuse settings that cannot train: epochs < 1, a learning rate that is not > 0, ..."""
+def check_finetune_settings(epochs: int, lr: float | None, batch_size: int, optimizer: str) -> float:
+    """Refuse settings that cannot train (epochs < 1, a learning rate that is not > 0, ...); return
+    the learning rate to use: ``lr``, or the optimizer's :data:`DEFAULT_LR` when it is None."""
     if optimizer not in OPTIMIZERS:
         raise BdpruningError(f"unknown optimizer {optimizer!r} (use {' or '.join(OPTIMIZERS)})")
+    if lr is None:
+        lr = DEFAULT_LR[optimizer]
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise BdpruningError(f"--epochs must be an integer of at least 1 (got {epochs!r})")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise BdpruningError(f"--lr must be a finite number above 0 (got {lr!r})")
     if batch_size < 1:
         raise BdpruningError(f"--batch-size must be at least 1 (got {batch_size})")
+    return lr
 
 
 def keep_pruned_at_zero(model: nn.Module, layer: str = "conv_3") -> dict[str, list[int]]:

@@ -21,8 +21,7 @@ from torch import nn
 from torchmetrics import MeanMetric, Metric
 
 from bdpruning.finetuning import (
-    DEFAULT_LR, FinetuneResult, check_finetune_settings, finetune_loss, history_rows, keep_pruned_at_zero,
-    make_optimizer,
+    FinetuneResult, check_finetune_settings, finetune_loss, history_rows, keep_pruned_at_zero, make_optimizer,
 )
 from bdpruning.masks import refresh_masked_weights
 from bdpruning.metrics import EVALUATION_COUNTS
@@ -42,9 +41,9 @@ class FinetuneModule(EvaluationModule):
     ``history_loss[e]`` hold epoch ``e``; row 0 is before training (its loss is NaN).
     """
 
-    def __init__(self, model: nn.Module, epochs: int, optimizer: str = "adam", lr: float | None = None) -> None:
+    def __init__(self, model: nn.Module, epochs: int, optimizer: str, lr: float) -> None:
         super().__init__(model)
-        self.optimizer_name, self.lr = optimizer, DEFAULT_LR[optimizer] if lr is None else lr
+        self.optimizer_name, self.lr = optimizer, lr
         self.train_loss = MeanMetric()
         self.register_buffer("history_counts", torch.zeros(epochs + 1, len(EVALUATION_COUNTS), dtype=torch.int64))
         self.register_buffer("history_loss", torch.full((epochs + 1,), math.nan, dtype=torch.float64))
@@ -120,8 +119,7 @@ def finetune_model(
     extra processes of the ``ddp`` launcher; ``trainer_options`` (accelerator, devices,
     strategy: ``ddp`` or ``ddp_spawn``, progress) go to :func:`~.evaluation.make_trainer`.
     """
-    lr = DEFAULT_LR.get(optimizer) if lr is None else lr
-    check_finetune_settings(epochs, lr, batch_size, optimizer)
+    lr = check_finetune_settings(epochs, lr, batch_size, optimizer)
     data = H5DataModule.for_model(model, clean_train=clean_train, clean_valid=clean_eval or clean_train,
                                   poisoned_valid=poisoned_eval, batch_size=batch_size, num_workers=num_workers,
                                   seed=seed)

@@ -59,14 +59,12 @@ def _print_table(result) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..atomic import prepare_out_dir
     from ..errors import BdpruningError, file_error
-    from ..finetuning import DEFAULT_LR, check_finetune_settings, keep_pruned_at_zero, save_finetune_run
+    from ..finetuning import keep_pruned_at_zero, save_finetune_run
     from ..lightning_modules.finetune import finetune_model
     from ..loading import load_model
 
     if args.poisoned_test and not args.clean_test:
         raise BdpruningError(f"{args.poisoned_test}: --poisoned-test needs --clean-test")
-    lr = DEFAULT_LR[args.optimizer] if args.lr is None else args.lr
-    check_finetune_settings(args.epochs, lr, args.batch_size, args.optimizer)
     out = prepare_out_dir(args.out, args.force)
     model = load_model(args.model, device="cpu")
     try:
@@ -77,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     poisoned_eval = args.poisoned_test or args.poisoned_valid  # poisoned data is never trained on
     result = finetune_model(
         model, args.clean_valid, args.epochs, clean_eval=clean_eval, poisoned_eval=poisoned_eval,
-        optimizer=args.optimizer, lr=lr, seed=args.seed, layer=args.layer, **lightning_options(args),
+        optimizer=args.optimizer, lr=args.lr, seed=args.seed, layer=args.layer, **lightning_options(args),
     )
     if result is None:  # an extra ddp process: the first one writes and reports
         return 0
