@@ -10,6 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import H5ImageSet
+from .devices import model_input
 from .errors import BdpruningError
 from .layers import find_layer
 
@@ -58,7 +59,6 @@ def rank_channels(
     the model's device. ``data`` is an :class:`H5ImageSet` or an iterable of ``(images, labels)``.
     """
     name, module = find_layer(model, layer)
-    device = next(model.parameters()).device
     state: dict[str, object] = {"sums": None, "elements": 0, "samples": 0}
 
     def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
@@ -75,7 +75,7 @@ def rank_channels(
         model.eval()
         for images, _ in tqdm(batches, total=total, disable=not progress, desc=f"rank {name}", leave=False):
             try:
-                model(images.to(device))
+                model(model_input(images, model))
             except _StopForward:
                 pass
     finally:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from .errors import BdpruningError
 
-__all__ = ["resolve_device"]
+__all__ = ["model_input", "resolve_device"]
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -21,3 +22,9 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         return torch.device(device)
     except RuntimeError:
         raise BdpruningError(f"unknown device {device!r} (use auto, cpu or cuda)") from None
+
+
+def model_input(images: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """``images`` on ``model``'s device, in its parameters' dtype (float64 for a ``.double()`` copy)."""
+    parameter = next(model.parameters())
+    return images.to(parameter.device, parameter.dtype)

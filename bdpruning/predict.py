@@ -7,7 +7,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import H5ImageSet
-from .devices import resolve_device
+from .devices import model_input, resolve_device
 
 __all__ = ["predict_labels"]
 
@@ -27,5 +27,5 @@ def predict_labels(
     batches = dataset.batches(batch_size)
     total = -(-len(dataset) // batch_size)
     for images, _ in tqdm(batches, total=total, disable=not progress, desc="predict", leave=False):
-        labels.append(model(images.to(device)).argmax(dim=1).cpu())
+        labels.append(model(model_input(images, model)).argmax(dim=1).cpu())
     return torch.cat(labels)

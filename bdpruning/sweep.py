@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .activations import ChannelRanking, channel_sums, rank_channels, ranking_from_sums
 from .data import H5ImageSet
+from .devices import model_input
 from .errors import BdpruningError
 from .layers import find_layer
 from .masks import channel_count, prune_channels
@@ -85,7 +86,7 @@ def _prefix_chunks(split: SplitModel, dataset: H5ImageSet, batch_size: int, devi
                    desc: str, progress: bool) -> Iterator[tuple[tuple, torch.Tensor]]:
     total = -(-len(dataset) // batch_size)
     for images, labels in tqdm(dataset.batches(batch_size), total=total, disable=not progress, desc=desc, leave=False):
-        yield split.prefix(images.to(device)), labels.to(device)
+        yield split.prefix(model_input(images, split.prefix)), labels.to(device)
 
 
 def _chunk_predictions(suffix: nn.Module, values: tuple, order: Sequence[int]) -> Iterator[torch.Tensor]:
