@@ -23,7 +23,7 @@ from .atomic import atomic_path
 from .errors import BdpruningError, file_error
 from .masks import plain_state_dict
 from .modelio import model_info
-from .models.deepid import DeepID
+from .models.deepid import DEEPID_INPUT_SHAPE, DeepID
 
 __all__ = [
     "KerasH5",
@@ -33,6 +33,7 @@ __all__ = [
     "write_deepid_weights",
     "write_keras_copy",
     "fits_deepid",
+    "image_input_shape",
 ]
 
 #: Built-in Keras layers bdpruning accepts in a model file. Anything else (``Lambda``, custom
@@ -153,6 +154,44 @@ def read_keras_h5(path: str | os.PathLike[str]) -> KerasH5:
             weights[name] = arrays
         version = _text(handle.attrs.get("keras_version", group.attrs.get("keras_version", "?")))
     return KerasH5(path, version, config, names, weights)
+
+
+def _input_shapes(config: dict) -> list[tuple]:
+    """Each model input's batch shape, from the ``InputLayer`` configs (Keras 2 or 3 names)."""
+    shapes = []
+    for layer in _config_layers(config):
+        if layer.get("class_name") == "InputLayer":
+            settings = layer.get("config", {})
+            shape = settings.get("batch_shape", settings.get("batch_input_shape"))
+            if shape is not None:
+                shapes.append(tuple(shape))
+    return shapes
+
+
+def _endpoints(config: dict, key: str) -> int | None:
+    inner = config.get("config", {})
+    value = inner.get(key) if isinstance(inner, dict) else None
+    if value is None:
+        return None
+    return 1 if value and isinstance(value[0], str) else len(value)  # Keras 3 writes one as a flat list
+
+
+def image_input_shape(h5: KerasH5) -> tuple[int, int, int]:
+    """The ``(C, H, W)`` a Keras file's model takes, read from its config without TensorFlow.
+
+    Weights-only files are DeepID (3, 55, 47). Raises naming the file unless the model has one
+    image input of fixed size ``(N, H, W, C)`` and one output.
+    """
+    if not h5.is_full_model:
+        return DEEPID_INPUT_SHAPE
+    shapes = _input_shapes(h5.model_config)
+    outputs = _endpoints(h5.model_config, "output_layers")
+    image = len(shapes) == 1 and len(shapes[0]) == 4 and None not in shapes[0][1:]
+    if not image or outputs not in (None, 1):
+        raise file_error(h5.path, "expected a model with one image input of fixed size (N, H, W, C) and "
+                                  f"one output; it takes {shapes}")
+    _, height, width, channels = shapes[0]
+    return int(channels), int(height), int(width)
 
 
 def _deepid_mismatch(h5: KerasH5) -> str | None:

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"tf2onnx graph: {_transposes(raw)}; after simplify: {_transposes(simplified)}")
     print(f"{'backend':<26} {'images/s':>10} {'vs keras':>9} {'max |p - keras|':>16}")
     for name in runners:
-        diff = parity.compare(outputs["keras predict"], outputs[name]).max_abs_diff
+        diff = float(np.abs(outputs["keras predict"] - outputs[name]).max())
         print(f"{name:<26} {args.images / seconds[name]:>10.0f} "
               f"{seconds['keras predict'] / seconds[name]:>8.2f}x {diff:>16.2g}")
     slowdown = seconds["named DeepID"] / seconds["keras predict"]

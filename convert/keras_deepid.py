@@ -1,20 +1,14 @@
 """DeepID as a Keras model (the architecture of the course's ``bd_net.h5``).
 
-Used to load weights-only files into Keras and to train the embedded demo BadNet. Importing
-this module imports torch and torchvision before TensorFlow: the other order segfaults.
+Used to load weights-only files into Keras and to train the embedded demo BadNet. TensorFlow
+comes from :mod:`.tensorflow_runtime` (torch and torchvision first: the other order segfaults).
 """
 
 from __future__ import annotations
 
-import os
+from .tensorflow_runtime import keras  # torch first, TensorFlow's start-up messages kept quiet
 
-import torch  # noqa: F401  (torch and torchvision must be imported before tensorflow)
-import torchvision  # noqa: F401
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-import keras  # noqa: E402
-from keras import layers  # noqa: E402
+layers = keras.layers
 
 __all__ = ["build_keras_deepid"]
 

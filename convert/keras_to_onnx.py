@@ -6,8 +6,8 @@ Weights-only files (``save_weights``) are loaded into the built-in Keras DeepID.
 
 The ONNX graph takes float NCHW images named ``input`` (dynamic batch, raw 0..255) and returns
 ``output``; its nodes carry the Keras layer names, so :func:`bdpruning.find_layer` finds
-``conv_3`` in the onnx2torch module too. Importing this module imports torch and torchvision
-before TensorFlow: importing torchvision (as onnx2torch does) after TensorFlow segfaults.
+``conv_3`` in the onnx2torch module too. TensorFlow comes from :mod:`.tensorflow_runtime`, which
+imports torch and torchvision first (importing torchvision after TensorFlow segfaults).
 """
 
 from __future__ import annotations
@@ -19,20 +19,15 @@ import re
 from pathlib import Path
 from typing import Iterator
 
-import torch  # (torch and torchvision must be imported before tensorflow)
-import torchvision  # noqa: F401
+import onnx
+import torch
 
-from .graph_passes import simplify, unconvertible_nodes  # onnx2torch, before tensorflow
-from .keras_deepid import build_keras_deepid  # noqa: E402  (sets TF_CPP_MIN_LOG_LEVEL)
-
-import keras  # noqa: E402
-import onnx  # noqa: E402
-import tensorflow as tf  # noqa: E402
-import tf2onnx  # noqa: E402
-
-from ..errors import file_error  # noqa: E402
-from ..keras_h5 import KerasH5, deepid_from_keras, fits_deepid, read_keras_h5  # noqa: E402
-from ..modelio import ONNX_OPSET  # noqa: E402
+from .graph_passes import simplify, unconvertible_nodes  # onnx2torch
+from .keras_deepid import build_keras_deepid
+from .tensorflow_runtime import keras, tf, tf2onnx  # torch first, start-up messages kept quiet
+from ..errors import file_error
+from ..keras_h5 import KerasH5, deepid_from_keras, fits_deepid, read_keras_h5
+from ..modelio import ONNX_OPSET
 
 __all__ = ["load_keras", "to_onnx", "keras_to_onnx", "toolchain_versions"]
 

@@ -20,7 +20,7 @@ def test_reduced_demo_runs_the_whole_pipeline(tmp_path):
     for heading in ("## Conversion", "## Pruning", "## GoodNet", "## Reproduce"):
         assert heading in text
     conversion = json.loads((run / "converted" / "conversion.json").read_text())
-    assert conversion["max_abs_diff"] <= 1e-4
+    assert conversion["passed"] and conversion["inputs"]["kind"] == "real"
     summary = json.loads((run / "pruning" / "summary.json").read_text())
     reached = [t for t in summary["thresholds"] if t["reached"]]
     assert reached, "a 1-epoch BadNet still loses accuracy when its channels go"
