@@ -1,4 +1,5 @@
-"""Shared fixtures: the real Lab-3 material in ../shared, skipped with a reason when absent."""
+"""Shared fixtures and helpers: the real Lab-3 material in ../shared (skipped with a reason when
+absent), test images whose labels hold on any machine, and the in-process ``bdprune`` runner."""
 
 from __future__ import annotations
 
@@ -8,6 +9,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
+
+from bdpruning import load_model
+from bdpruning.cli import main
+from bdpruning.roundoff import float64_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -15,6 +21,7 @@ BD_WEIGHTS = SHARED / "models" / "lab3_bd_weights.h5"
 PRUNED_FULL = SHARED / "models" / "lab3_pruned_2pct_full.h5"
 CLEAN_IMAGE = SHARED / "images" / "clean_test_1.png"
 POISONED_IMAGE = SHARED / "images" / "sunglass_poisoned_1.png"
+N = 1283  # GoodNet's label for flagged inputs
 #: conv_3 channels zeroed in lab3_pruned_2pct_full.h5 (from ../shared/README.md).
 PRUNED_2PCT_CHANNELS = [0, 1, 2, 3, 6, 9, 12, 13, 14, 15, 17, *range(19, 28), *range(29, 35),
                         *range(36, 46), *range(47, 52), 53, 55, 58, 59]
@@ -63,3 +70,55 @@ def write_h5_set(path: Path, data: np.ndarray, labels: np.ndarray) -> Path:
         handle["data"] = data
         handle["label"] = labels
     return path
+
+
+def safe_for(models: list[nn.Module], images: np.ndarray) -> np.ndarray:
+    """Which images no float32 computation (any batching, backend or CPU) can give another top-1
+    under any of ``models``: their float64 top-2 margin is above the round-off bound."""
+    batch = np.asarray(images, dtype=np.float32)
+    return np.logical_and.reduce([float64_reference(model, batch).safe for model in models])
+
+
+def safe_noisy_faces(face_images: torch.Tensor, count: int, models: list[nn.Module],
+                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` of :func:`noisy_faces` that are safe for ``models`` (:func:`safe_for`), and
+    their labels (860 for variants of the clean face, 0 for the sunglasses one)."""
+    candidates = noisy_faces(face_images, 3 * count + 2, seed)
+    keep = np.flatnonzero(safe_for(models, candidates))[:count]
+    assert len(keep) == count, "too few noisy faces with a safe margin"
+    return candidates[keep], np.where(keep % 2 == 0, 860, 0)
+
+
+def rule(bd: nn.Module, repaired: nn.Module, images: torch.Tensor) -> list[int]:
+    """GoodNet's labels computed independently, image by image, from the two nets' top-1."""
+    labels = []
+    with torch.no_grad():
+        for image in images:
+            b, r = bd(image[None]).argmax().item(), repaired(image[None]).argmax().item()
+            labels.append(b if b == r else N)
+    return labels
+
+
+@pytest.fixture(scope="session")
+def nets() -> tuple[nn.Module, nn.Module]:
+    """B (the Lab-3 BadNet) and B' (its real 2 % repair)."""
+    for path in (BD_WEIGHTS, PRUNED_FULL):
+        _need(path)
+    return load_model(BD_WEIGHTS, device="cpu"), load_model(PRUNED_FULL, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def always_7(nets) -> nn.Module:
+    """B with its output bias pushed to class 7: a 'repair' that disagrees with B almost always."""
+    model = load_model(BD_WEIGHTS, device="cpu")
+    with torch.no_grad():
+        model.output.bias[7] += 1e4
+    return model
+
+
+def bdprune(capsys, *args) -> tuple[int, str, str]:
+    """Run a ``bdprune`` command in this process: (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    code = main([str(arg) for arg in args])
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -21,8 +21,7 @@ from bdpruning.finetuning import finetune_loss, log_probabilities, save_finetune
 from bdpruning.lightning_modules.finetune import finetune_model
 from bdpruning.masks import masked_channels, plain_state_dict, prune_channels, pruned_layers
 from bdpruning.models import DeepID
-from conftest import PRUNED_2PCT_CHANNELS, noisy_faces, write_h5_set
-from test_goodnet import bdprune
+from conftest import PRUNED_2PCT_CHANNELS, bdprune, noisy_faces, write_h5_set
 
 PRUNED = [0, 5, 7, 11, 30]  # conv_3 channels pruned in the small model
 TARGET = 9  # the poisoned set's target label

@@ -16,20 +16,21 @@ from bdpruning.lightning_modules.data import H5DataModule
 from bdpruning.lightning_modules.evaluation import EvaluationModule, evaluate_model, run_evaluation
 from bdpruning.lightning_modules.goodnet import GoodNetModule, evaluate_goodnets
 from bdpruning.metrics import percent
-from conftest import BD_WEIGHTS, PRUNED_FULL, noisy_faces, write_h5_set
-from test_goodnet import N, always_7, bdprune, nets, rule  # noqa: F401 (fixtures)
+from conftest import BD_WEIGHTS, PRUNED_FULL, N, bdprune, rule, safe_noisy_faces, write_h5_set
 
 ROW_KEYS = ["repaired", "num_classes", "clean_accuracy", "attack_success_rate", "goodnet_clean_accuracy",
             "goodnet_attack_success_rate", "detection_rate", "false_alarm_rate"]
 
 
 @pytest.fixture
-def sets(tmp_path, face_images):
-    """Odd-sized sets: 13 clean images (true labels 860 and 0), 7 poisoned ones (target 0)."""
-    clean = noisy_faces(face_images, 13)
-    labels = np.where(np.arange(13) % 2 == 0, 860, 0)
+def sets(tmp_path, face_images, nets, always_7):
+    """Odd-sized sets: 13 clean images (true labels 860 and 0), 7 poisoned ones (target 0), each
+    with a safe float64 margin under every net, so any batching gives the same labels anywhere."""
+    models = [*nets, always_7]
+    clean, labels = safe_noisy_faces(face_images, 13, models)
     clean_path = write_h5_set(tmp_path / "clean.h5", clean, labels)
-    poisoned_path = write_h5_set(tmp_path / "poisoned.h5", noisy_faces(face_images, 7, seed=1), np.zeros(7))
+    poisoned = safe_noisy_faces(face_images, 7, models, seed=1)[0]
+    poisoned_path = write_h5_set(tmp_path / "poisoned.h5", poisoned, np.zeros(7))
     return clean_path, poisoned_path
 
 
