@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 from .data import H5ImageSet, read_h5_dataset
+from .datasource import ImageData, as_image_data
 from .errors import BdpruningError
 from .goodnet import GoodNet
 from .layers import find_layer, layer_names
@@ -26,6 +27,8 @@ __all__ = [
     "DeepID",
     "GoodNet",
     "H5ImageSet",
+    "ImageData",
+    "as_image_data",
     "find_layer",
     "layer_names",
     "load_model",

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import H5ImageSet
+from .datasource import DataLike, as_image_data
 from .devices import model_input
 from .errors import BdpruningError
 from .layers import find_layer
@@ -48,7 +47,7 @@ def channel_sums(output: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def rank_channels(
     model: nn.Module,
-    data: H5ImageSet | Iterable[tuple[torch.Tensor, torch.Tensor]],
+    data: DataLike,
     layer: str = "pool_3",
     batch_size: int = 512,
     progress: bool = False,
@@ -56,7 +55,7 @@ def rank_channels(
     """Mean activation of each channel of ``layer`` (over images, height and width) on ``data``.
 
     A forward hook reads the layer's output; the rest of the forward pass is skipped. Runs on
-    the model's device. ``data`` is an :class:`H5ImageSet` or an iterable of ``(images, labels)``.
+    the model's device. ``data`` is any form :func:`~bdpruning.datasource.as_image_data` takes.
     """
     name, module = find_layer(model, layer)
     state: dict[str, object] = {"sums": None, "elements": 0, "samples": 0}
@@ -68,8 +67,8 @@ def rank_channels(
         state["samples"] += output.shape[0]
         raise _StopForward
 
-    batches = data.batches(batch_size) if isinstance(data, H5ImageSet) else data
-    total = -(-len(data) // batch_size) if isinstance(data, H5ImageSet) else None
+    data = as_image_data(data)
+    batches, total = data.batches(batch_size), -(-len(data) // batch_size)
     handle = module.register_forward_hook(hook)
     try:
         model.eval()

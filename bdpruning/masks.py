@@ -47,7 +47,24 @@ def prune_channels(model: nn.Module, layer: str, channels: Iterable[int]) -> nn.
         prune.custom_from_mask(module, "weight", weight_mask.clone())
         if getattr(module, "bias", None) is not None:
             prune.custom_from_mask(module, "bias", keep.clone())
+    if _drop_mask_history not in module._forward_hooks.values():
+        module.register_forward_hook(_drop_mask_history)
     return model
+
+
+def _drop_mask_history(module: nn.Module, _inputs: tuple, _output: object) -> None:
+    """After a forward, keep the masked tensors without their autograd history.
+
+    ``torch.nn.utils.prune`` stores ``weight = weight_orig * weight_mask`` as a plain attribute
+    in a forward pre-hook; after a forward with gradients on it is a non-leaf tensor, which
+    ``copy.deepcopy`` and pickling refuse. The forward's graph keeps its own reference, so
+    gradients still reach ``weight_orig``; the attribute becomes the same values as a leaf.
+    """
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, prune.BasePruningMethod):
+            value = getattr(module, hook._tensor_name, None)
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                setattr(module, hook._tensor_name, value.detach())
 
 
 def pruned_channels(model: nn.Module, layer: str) -> list[int]:
@@ -90,8 +107,7 @@ def refresh_masked_weights(model: nn.Module) -> nn.Module:
     """Recompute every masked ``weight = weight_orig * weight_mask`` now, as a leaf tensor.
 
     ``torch.nn.utils.prune`` recomputes it in a forward pre-hook, so after an optimizer step or
-    ``load_state_dict`` it is stale until the next forward, and after a training forward it
-    carries autograd history (which cannot be copied or pickled). Returns ``model``.
+    ``load_state_dict`` it is stale until the next forward. Returns ``model``.
     """
     with torch.no_grad():
         for module in model.modules():

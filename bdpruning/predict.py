@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import H5ImageSet
+from .datasource import DataLike, as_image_data
 from .devices import model_input, resolve_device
 
 __all__ = ["predict_labels"]
@@ -15,15 +15,19 @@ __all__ = ["predict_labels"]
 @torch.inference_mode()
 def predict_labels(
     model: nn.Module,
-    dataset: H5ImageSet,
+    dataset: DataLike,
     batch_size: int = 512,
     device: str | torch.device | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Top-1 labels (int64, CPU) of ``model`` on every image of ``dataset``, in order."""
+    """Top-1 labels (int64, CPU) of ``model`` on every image of ``dataset``, in order.
+
+    ``dataset`` is any form :func:`~bdpruning.datasource.as_image_data` takes.
+    """
     device = resolve_device(device) if device is not None else next(model.parameters()).device
     model = model.to(device).eval()
     labels = []
+    dataset = as_image_data(dataset)
     batches = dataset.batches(batch_size)
     total = -(-len(dataset) // batch_size)
     for images, _ in tqdm(batches, total=total, disable=not progress, desc="predict", leave=False):

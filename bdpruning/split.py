@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .errors import BdpruningError
 from .layers import find_layer
 from .tracing import module_node, trace_model
 
-__all__ = ["SplitModel", "split_at", "zero_preserving_path"]
+__all__ = ["SplitModel", "check_fed_by", "split_at", "zero_preserving_path"]
 
 # Elementwise or per-channel ops with f(0) = 0 that keep channels apart: a channel that is
 # zero before them is zero after them, and other channels do not depend on it.
@@ -34,6 +35,35 @@ class SplitModel:
     prefix: fx.GraphModule
     suffix: fx.GraphModule
     node_name: str
+
+
+def _reaches(source: fx.Node, target: fx.Node) -> bool:
+    """Whether ``target`` is ``source`` or computed from it."""
+    seen, todo = {source}, [source]
+    while todo:
+        node = todo.pop()
+        if node is target:
+            return True
+        fresh = [user for user in node.users if user not in seen]
+        seen.update(fresh)
+        todo.extend(fresh)
+    return False
+
+
+def check_fed_by(model: nn.Module, layer: str, rank_layer: str) -> None:
+    """Refuse a ``rank_layer`` that is not computed from ``layer`` in the traced graph (one
+    upstream of it, or on another branch): pruning ``layer`` cannot change it."""
+    gm = trace_model(model)
+    name, _ = find_layer(model, layer)
+    rank_name, _ = find_layer(model, rank_layer)
+    node, rank_node = module_node(gm, name), module_node(gm, rank_name)
+    if _reaches(node, rank_node):
+        return
+    where = "upstream of" if _reaches(rank_node, node) else "not fed by"
+    raise BdpruningError(
+        f"rank layer {rank_name!r} is {where} the pruned layer {name!r}, so pruning cannot change it; "
+        f"choose a rank layer fed by {name!r}"
+    )
 
 
 def zero_preserving_path(model: nn.Module, start: str, end: str) -> bool:

@@ -19,13 +19,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .activations import ChannelRanking, channel_sums, rank_channels, ranking_from_sums
-from .data import H5ImageSet
+from .datasource import DataLike, ImageData, as_image_data, model_expectations
 from .devices import model_input
 from .errors import BdpruningError
 from .layers import find_layer
 from .masks import channel_count, prune_channels
 from .predict import predict_labels
-from .split import SplitModel, split_at, zero_preserving_path
+from .split import SplitModel, check_fed_by, split_at, zero_preserving_path
 
 __all__ = [
     "SweepStep", "ThresholdHit", "SweepResult", "run_sweep", "find_thresholds",
@@ -82,7 +82,7 @@ def _others(values: Sequence[torch.Tensor], n: int) -> list[bool]:
     return [isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n for v in values]
 
 
-def _prefix_chunks(split: SplitModel, dataset: H5ImageSet, batch_size: int, device: torch.device,
+def _prefix_chunks(split: SplitModel, dataset: ImageData, batch_size: int, device: torch.device,
                    desc: str, progress: bool) -> Iterator[tuple[tuple, torch.Tensor]]:
     total = -(-len(dataset) // batch_size)
     for images, labels in tqdm(dataset.batches(batch_size), total=total, disable=not progress, desc=desc, leave=False):
@@ -116,10 +116,11 @@ def _split_for(model: nn.Module, layer: str, rank_layer: str) -> SplitModel:
 
 @torch.inference_mode()
 def sweep_predictions(
-    model: nn.Module, dataset: H5ImageSet, order: Sequence[int], layer: str = "conv_3",
+    model: nn.Module, dataset: DataLike, order: Sequence[int], layer: str = "conv_3",
     rank_layer: str = "pool_3", batch_size: int = 1024,
 ) -> torch.Tensor:
     """Top-1 labels after each step, shape ``(len(order) + 1, N)`` (row 0: nothing pruned)."""
+    dataset = as_image_data(dataset)
     model.eval()
     split = _split_for(model, layer, rank_layer)
     device = next(model.parameters()).device
@@ -130,9 +131,10 @@ def sweep_predictions(
 
 @torch.inference_mode()
 def naive_sweep_predictions(
-    model: nn.Module, dataset: H5ImageSet, order: Sequence[int], layer: str = "conv_3", batch_size: int = 1024,
+    model: nn.Module, dataset: DataLike, order: Sequence[int], layer: str = "conv_3", batch_size: int = 1024,
 ) -> torch.Tensor:
     """The reference procedure: a full forward of the masked model at every step (slow)."""
+    dataset = as_image_data(dataset)
     rows = [predict_labels(model, dataset, batch_size)]
     for step in range(1, len(order) + 1):
         pruned = prune_channels(copy.deepcopy(model), layer, order[:step])
@@ -140,7 +142,7 @@ def naive_sweep_predictions(
     return torch.stack(rows)
 
 
-def _correct_counts(split: SplitModel, dataset: H5ImageSet, order: Sequence[int], batch_size: int,
+def _correct_counts(split: SplitModel, dataset: ImageData, order: Sequence[int], batch_size: int,
                     device: torch.device, cached: list | None, desc: str, progress: bool) -> list[int]:
     counts = torch.zeros(len(order) + 1, dtype=torch.long, device=device)
     chunks = cached if cached is not None else _prefix_chunks(split, dataset, batch_size, device, desc, progress)
@@ -150,7 +152,7 @@ def _correct_counts(split: SplitModel, dataset: H5ImageSet, order: Sequence[int]
     return counts.tolist()
 
 
-def _rank_and_cache(split: SplitModel, rank_layer: str, clean: H5ImageSet, batch_size: int,
+def _rank_and_cache(split: SplitModel, rank_layer: str, clean: ImageData, batch_size: int,
                     device: torch.device, cache_bytes: int, progress: bool) -> tuple[ChannelRanking, list | None]:
     """Rank from the prefix outputs (the rank layer's values) and keep them while they fit."""
     sums, elements, cached, used = None, 0, [], 0
@@ -187,8 +189,8 @@ def find_thresholds(correct: Sequence[int], total: int, thresholds: Sequence[flo
 
 def run_sweep(
     model: nn.Module,
-    clean: H5ImageSet,
-    poisoned: H5ImageSet | None = None,
+    clean: DataLike,
+    poisoned: DataLike | None = None,
     *,
     layer: str = "conv_3",
     rank_layer: str = "pool_3",
@@ -199,16 +201,22 @@ def run_sweep(
     progress: bool = False,
 ) -> SweepResult:
     """Rank ``layer``'s channels on ``clean`` by ``rank_layer``'s mean activation, then prune
-    them one by one, recording clean accuracy and (with ``poisoned``) the attack success rate."""
+    them one by one, recording clean accuracy and (with ``poisoned``) the attack success rate.
+
+    ``clean`` and ``poisoned`` take any form of :func:`~bdpruning.datasource.as_image_data`;
+    ``rank_layer`` must be computed from ``layer`` (checked in the traced graph)."""
     if not thresholds or any(not t > 0 for t in thresholds):
         raise BdpruningError(f"thresholds must be positive numbers of points, got {list(thresholds)}")
+    clean = as_image_data(clean, **model_expectations(model))
+    poisoned = None if poisoned is None else as_image_data(poisoned, **model_expectations(model))
     model.eval()
     device = next(model.parameters()).device
     layer_name, module = find_layer(model, layer)
     rank_name, _ = find_layer(model, rank_layer)
     channels = channel_count(module)
+    check_fed_by(model, layer_name, rank_name)
     with torch.inference_mode():
-        probe = rank_channels(model, [(clean.read(0, 1), None)], rank_name)
+        probe = rank_channels(model, (clean.first_images(1), torch.zeros(1, dtype=torch.int64)), rank_name)
     if len(probe.order) != channels:
         raise BdpruningError(
             f"rank layer {rank_name!r} has {len(probe.order)} channels but {layer_name!r} has {channels}; "

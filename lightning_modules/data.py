@@ -1,5 +1,8 @@
-"""The course's HDF5 sets (clean and poisoned; valid and test; a clean training set) as a
-LightningDataModule.
+"""The clean and poisoned sets (valid and test; a clean training set) as a LightningDataModule.
+
+Each set is an HDF5 path or any other form :func:`bdpruning.datasource.as_image_data` takes
+that has random access (an ``H5ImageSet``, a map-style ``Dataset``, ``(images, labels)``
+tensors; not a ``DataLoader``: the module batches, shards and shuffles itself).
 
 Evaluation loaders come in the order of :data:`SET_NAMES`: the clean set first, then the
 poisoned set when one is given, so ``dataloader_idx`` tells a step which set a batch is from.
@@ -17,13 +20,13 @@ from typing import Iterator, Sequence
 
 import pytorch_lightning as pl
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from bdpruning.data import H5ImageSet, read_h5_dataset
+from bdpruning.datasource import DataLike, as_image_data, data_name
 from bdpruning.errors import BdpruningError
 from bdpruning.modelio import model_info
 
-__all__ = ["H5DataModule", "SET_NAMES", "ShardSampler"]
+__all__ = ["DataLike", "H5DataModule", "SET_NAMES", "ShardSampler"]
 
 #: What ``dataloader_idx`` 0 and 1 of the evaluation loaders hold.
 SET_NAMES = ("clean", "poisoned")
@@ -45,34 +48,39 @@ class ShardSampler(Sampler[int]):
 
 
 class H5DataModule(pl.LightningDataModule):
-    """Clean and poisoned HDF5 sets for ``trainer.validate`` (valid sets) and ``trainer.test``,
+    """Clean and poisoned sets for ``trainer.validate`` (valid sets) and ``trainer.test``,
     and a clean training set for ``trainer.fit``, shuffled with ``seed``.
 
-    The files are opened and validated here, in the launching process, so a bad file is one
+    The sets are opened and validated here, in the launching process, so a bad file is one
     clear error before any worker process starts; labels are checked against ``num_classes``
     and images against ``image_shape`` (pass the model's).
     """
 
     def __init__(
         self,
-        clean_test: PathLike | None = None,
-        poisoned_test: PathLike | None = None,
-        clean_valid: PathLike | None = None,
-        poisoned_valid: PathLike | None = None,
+        clean_test: DataLike | None = None,
+        poisoned_test: DataLike | None = None,
+        clean_valid: DataLike | None = None,
+        poisoned_valid: DataLike | None = None,
         batch_size: int = 512,
         num_workers: int = 0,
         num_classes: int | None = None,
         image_shape: Sequence[int] | None = None,
-        clean_train: PathLike | None = None,
+        clean_train: DataLike | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
         if batch_size < 1 or num_workers < 0:
             raise BdpruningError(f"batch size must be >= 1 and workers >= 0 (got {batch_size}, {num_workers})")
         self.batch_size, self.num_workers = batch_size, num_workers
+        self.named_sets: list[tuple[str, Dataset]] = []  # every set, for messages
 
-        def read(path: PathLike | None) -> H5ImageSet | None:
-            return None if path is None else read_h5_dataset(path, num_classes, image_shape)
+        def read(data: DataLike | None) -> Dataset | None:
+            if data is None:
+                return None
+            dataset = as_image_data(data, num_classes=num_classes, image_shape=image_shape).as_dataset()
+            self.named_sets.append((data_name(data), dataset))
+            return dataset
 
         self.test_sets = self._ordered(read(clean_test), read(poisoned_test), "test")
         self.valid_sets = self._ordered(read(clean_valid), read(poisoned_valid), "valid")
@@ -86,21 +94,21 @@ class H5DataModule(pl.LightningDataModule):
         return cls(**sets_and_options, num_classes=info.num_classes, image_shape=info.input_shape)
 
     @staticmethod
-    def _ordered(clean: H5ImageSet | None, poisoned: H5ImageSet | None, stage: str) -> list[H5ImageSet]:
+    def _ordered(clean: Dataset | None, poisoned: Dataset | None, stage: str) -> list[Dataset]:
         if clean is None and poisoned is not None:
             raise BdpruningError(f"a poisoned {stage} set needs its clean {stage} set")
         return [s for s in (clean, poisoned) if s is not None]
 
     def check_processes(self, world_size: int) -> None:
         """Refuse a set with fewer images than processes (call it before processes are started)."""
-        for dataset in [*self.test_sets, *self.valid_sets, *([self.train_set] if self.train_set else [])]:
+        for name, dataset in self.named_sets:
             if len(dataset) < world_size:
-                raise BdpruningError(f"{dataset.path}: {len(dataset)} images for {world_size} processes")
+                raise BdpruningError(f"{name}: {len(dataset)} images for {world_size} processes")
 
     def _rank_and_world_size(self) -> tuple[int, int]:
         return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
 
-    def _loaders(self, sets: list[H5ImageSet], stage: str) -> list[DataLoader]:
+    def _loaders(self, sets: list[Dataset], stage: str) -> list[DataLoader]:
         if not sets:
             raise BdpruningError(f"no clean {stage} set was given")
         rank, world_size = self._rank_and_world_size()

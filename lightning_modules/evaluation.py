@@ -22,7 +22,7 @@ from torch import nn
 from bdpruning.errors import BdpruningError
 from bdpruning.metrics import EVALUATION_COUNTS, Count, evaluation_outcomes, evaluation_rates
 
-from .data import SET_NAMES, H5DataModule, PathLike
+from .data import SET_NAMES, DataLike, H5DataModule
 
 __all__ = [
     "CountingModule", "EvaluationModule", "check_devices", "make_trainer", "run_evaluation", "evaluate_model",
@@ -118,8 +118,8 @@ def run_evaluation(
 
 def evaluate_model(
     model: nn.Module,
-    clean: PathLike,
-    poisoned: PathLike | None = None,
+    clean: DataLike,
+    poisoned: DataLike | None = None,
     batch_size: int = 512,
     num_workers: int = 0,
     **trainer_options,

@@ -23,10 +23,11 @@ from torchmetrics import MeanMetric, Metric
 from bdpruning.finetuning import (
     FinetuneResult, check_finetune_settings, finetune_loss, history_rows, keep_pruned_at_zero, make_optimizer,
 )
+from bdpruning.datasource import data_name
 from bdpruning.masks import refresh_masked_weights
 from bdpruning.metrics import EVALUATION_COUNTS
 
-from .data import H5DataModule, PathLike
+from .data import DataLike, H5DataModule
 from .evaluation import EvaluationModule, make_trainer
 
 __all__ = ["FinetuneModule", "finetune_model"]
@@ -96,11 +97,11 @@ class FinetuneModule(EvaluationModule):
 
 def finetune_model(
     model: nn.Module,
-    clean_train: PathLike,
+    clean_train: DataLike,
     epochs: int,
     *,
-    clean_eval: PathLike | None = None,
-    poisoned_eval: PathLike | None = None,
+    clean_eval: DataLike | None = None,
+    poisoned_eval: DataLike | None = None,
     optimizer: str = "adam",
     lr: float | None = None,
     batch_size: int = 64,
@@ -111,6 +112,8 @@ def finetune_model(
 ) -> FinetuneResult | None:
     """Fine-tune the repaired ``model`` in place on ``clean_train``, its pruned channels held at zero.
 
+    Each set is an HDF5 path or another form with random access (see :class:`~.data.H5DataModule`).
+
     Clean accuracy and ASR are measured on ``clean_eval`` (default: ``clean_train``) and
     ``poisoned_eval`` before training and after every epoch. Mask-less models get masks on the
     all-zero channels of ``layer`` first (see :func:`bdpruning.finetuning.keep_pruned_at_zero`).
@@ -120,9 +123,9 @@ def finetune_model(
     strategy: ``ddp`` or ``ddp_spawn``, progress) go to :func:`~.evaluation.make_trainer`.
     """
     lr = check_finetune_settings(epochs, lr, batch_size, optimizer)
-    data = H5DataModule.for_model(model, clean_train=clean_train, clean_valid=clean_eval or clean_train,
-                                  poisoned_valid=poisoned_eval, batch_size=batch_size, num_workers=num_workers,
-                                  seed=seed)
+    clean_eval = clean_train if clean_eval is None else clean_eval
+    data = H5DataModule.for_model(model, clean_train=clean_train, clean_valid=clean_eval, poisoned_valid=poisoned_eval,
+                                  batch_size=batch_size, num_workers=num_workers, seed=seed)
     pruned = keep_pruned_at_zero(model, layer)
     refresh_masked_weights(model)  # a leaf without autograd history: ddp_spawn must pickle it
     module = FinetuneModule(model.train(), epochs, optimizer, lr)  # load_model gives eval mode; Lightning keeps it
@@ -138,7 +141,8 @@ def finetune_model(
     settings = {"epochs": epochs, "optimizer": optimizer, "lr": lr, "batch_size": batch_size, "seed": seed,
                 "layer": layer, "accelerator": trainer_options.get("accelerator", "auto"),
                 "devices": trainer_options.get("devices", 1), "strategy": trainer_options.get("strategy", "auto")}
-    sets = {"train": str(clean_train), "clean_eval": str(clean_eval or clean_train),
-            "poisoned_eval": None if poisoned_eval is None else str(poisoned_eval)}
+    sets = {"train": data_name(clean_train),
+            "clean_eval": data_name(clean_eval),
+            "poisoned_eval": None if poisoned_eval is None else data_name(poisoned_eval)}
     history = history_rows(module.history_counts.cpu(), module.history_loss.cpu())
     return FinetuneResult(model.eval(), pruned, history, settings, sets, seconds)

@@ -17,7 +17,7 @@ from bdpruning.errors import BdpruningError
 from bdpruning.goodnet import GoodNet
 from bdpruning.metrics import GOODNET_COUNTS, goodnet_outcomes, goodnet_rates
 
-from .data import H5DataModule, PathLike
+from .data import DataLike, H5DataModule
 from .evaluation import CountingModule, run_evaluation
 
 __all__ = ["GoodNetModule", "goodnet_results", "evaluate_goodnets"]
@@ -53,8 +53,8 @@ def goodnet_results(counts: dict[str, int], num_repaired: int) -> list[dict[str,
 def evaluate_goodnets(
     bd: nn.Module,
     repaired: Sequence[nn.Module],
-    clean: PathLike,
-    poisoned: PathLike | None = None,
+    clean: DataLike,
+    poisoned: DataLike | None = None,
     batch_size: int = 512,
     num_workers: int = 0,
     **trainer_options,

@@ -166,7 +166,8 @@ def test_generic_models_prune_through_the_sweep(tmp_path):
     "extra,problem",
     [
         (["--layer", "conv_9"], "unknown layer 'conv_9'; valid layer names: conv_1"),
-        (["--rank-layer", "pool_2"], "rank layer 'pool_2' has 40 channels but 'conv_3' has 60"),
+        (["--rank-layer", "pool_2"], "rank layer 'pool_2' is upstream of the pruned layer 'conv_3'"),
+        (["--rank-layer", "conv_4"], "rank layer 'conv_4' has 80 channels but 'conv_3' has 60"),
     ],
 )
 def test_bad_layers_are_named(bd_weights, face_set, tmp_path, capsys, extra, problem):
