@@ -121,7 +121,7 @@ def test_rank_channels_on_a_tensor_dataset_ranks_channels_not_height():
     images, labels = torch.rand(6, 3, 55, 47) * 255, torch.randint(0, 5, (6,))
     ranking = bdpruning.rank_channels(model, TensorDataset(images, labels), "pool_3", batch_size=4)
     assert len(ranking.order) == 60 and ranking.samples == 6
-    assert ranking == bdpruning.rank_channels(model, (images, labels), "pool_3")
+    assert ranking == bdpruning.rank_channels(model, (images, labels), "pool_3", batch_size=4)  # the same batches
 
 
 def _not_pairs(x: torch.Tensor, y: torch.Tensor) -> Dataset:
