@@ -12,6 +12,7 @@ from .datasource import DataLike, as_image_data
 from .devices import model_input
 from .errors import BdpruningError
 from .layers import find_layer
+from .precision import runs_in_precision_context
 
 __all__ = ["ChannelRanking", "rank_channels", "ranking_from_sums"]
 
@@ -44,6 +45,7 @@ def channel_sums(output: torch.Tensor) -> torch.Tensor:
     return output.detach().double().transpose(0, 1).reshape(output.shape[1], -1).sum(dim=1)
 
 
+@runs_in_precision_context
 @torch.inference_mode()
 def rank_channels(
     model: nn.Module,
@@ -51,11 +53,14 @@ def rank_channels(
     layer: str = "pool_3",
     batch_size: int = 512,
     progress: bool = False,
+    *,
+    tf32: bool = False,
 ) -> ChannelRanking:
     """Mean activation of each channel of ``layer`` (over images, height and width) on ``data``.
 
     A forward hook reads the layer's output; the rest of the forward pass is skipped. Runs on
     the model's device. ``data`` is any form :func:`~bdpruning.datasource.as_image_data` takes.
+    In IEEE fp32 unless ``tf32`` (see :func:`~bdpruning.precision.precision_context`).
     """
     name, module = find_layer(model, layer)
     state: dict[str, object] = {"sums": None, "elements": 0, "samples": 0}

@@ -22,6 +22,7 @@ from .convert import parity
 from .errors import BdpruningError
 from .loading import load_model
 from .modelio import ONNX_FILE, model_info, save_model_dir
+from .precision import precision_context
 
 __all__ = ["DEFAULT_TOLERANCE", "DEFAULT_SAMPLES", "compact_directory"]
 
@@ -63,12 +64,14 @@ def compact_directory(
     seed: int = 0,
     tolerance: float = DEFAULT_TOLERANCE,
     force: bool = False,
+    tf32: bool = False,
 ) -> dict:
     """Compact the repaired model at ``model_path`` into the model directory ``out``; return the report.
 
     The compact model is compared with the masked one on ``data`` (an HDF5 set, its first
     ``samples`` images) or on ``samples`` seeded random images: ``passed`` is false when the
-    largest absolute output difference exceeds ``tolerance`` or a top-1 label differs.
+    largest absolute output difference exceeds ``tolerance`` or a top-1 label differs. Both run
+    in IEEE fp32 unless ``tf32`` (see :func:`~bdpruning.precision.precision_context`).
     """
     if samples is not None and samples < 1:
         raise BdpruningError(f"--samples must be at least 1, got {samples}")
@@ -80,7 +83,8 @@ def compact_directory(
     compact = load_model(model_path, device="cpu")  # a masked model cannot be deep-copied
     groups = compact_model(compact, layer)
     before, after = model_cost(masked), model_cost(compact)
-    reference, result = parity.torch_probs(masked, images), parity.torch_probs(compact, images)
+    with precision_context(tf32) as precision:
+        reference, result = parity.torch_probs(masked, images), parity.torch_probs(compact, images)
     agreement = parity.compare(reference, result)
     failures = []
     if agreement.max_abs_diff > tolerance:
@@ -99,6 +103,7 @@ def compact_directory(
         "max_abs_diff": agreement.max_abs_diff,
         "argmax_agreement": agreement.argmax_agreement,
         "tolerance": tolerance,
+        "precision": precision,
         "failures": failures,
         "passed": not failures,
     }

@@ -7,11 +7,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .datasource import DataLike, as_image_data
+from .precision import runs_in_precision_context
 from .devices import model_input, resolve_device
 
 __all__ = ["predict_labels"]
 
 
+@runs_in_precision_context
 @torch.inference_mode()
 def predict_labels(
     model: nn.Module,
@@ -19,8 +21,11 @@ def predict_labels(
     batch_size: int = 512,
     device: str | torch.device | None = None,
     progress: bool = False,
+    *,
+    tf32: bool = False,
 ) -> torch.Tensor:
-    """Top-1 labels (int64, CPU) of ``model`` on every image of ``dataset``, in order.
+    """Top-1 labels (int64, CPU) of ``model`` on every image of ``dataset``, in order; in IEEE
+    fp32 unless ``tf32`` (see :func:`~bdpruning.precision.precision_context`).
 
     ``dataset`` is any form :func:`~bdpruning.datasource.as_image_data` takes.
     """

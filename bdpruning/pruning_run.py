@@ -57,8 +57,12 @@ def prune_model(
     batch_size: int = 1024,
     force: bool = False,
     progress: bool = True,
+    tf32: bool = False,
 ) -> dict:
-    """Run the pruning defense and write everything to ``out`` atomically; return the summary."""
+    """Run the pruning defense and write everything to ``out`` atomically; return the summary.
+
+    The sweep runs in IEEE fp32 unless ``tf32``; ``summary.json`` records the precision.
+    """
     from . import plots
 
     out = prepare_out_dir(out, force)
@@ -67,12 +71,12 @@ def prune_model(
     clean = read_h5_dataset(clean_valid, info.num_classes, info.input_shape)
     poisoned = read_h5_dataset(poisoned_valid, info.num_classes, info.input_shape) if poisoned_valid else None
     result = run_sweep(model, clean, poisoned, layer=layer, rank_layer=rank_layer, thresholds=thresholds,
-                       full_sweep=full_sweep, batch_size=batch_size, progress=progress)
+                       full_sweep=full_sweep, batch_size=batch_size, progress=progress, tf32=tf32)
     with atomic_dir(out) as directory:
         summary = write_sweep_results(result, directory, extra={
             "model": str(model_path), "clean_valid": str(clean_valid),
             "poisoned_valid": None if poisoned_valid is None else str(poisoned_valid),
-            "device": str(next(model.parameters()).device),
+            "device": str(next(model.parameters()).device), "precision": result.precision,
         })
         save_repaired_models(model, result, directory)
         steps = result.steps

@@ -24,6 +24,7 @@ from .devices import model_input
 from .errors import BdpruningError
 from .layers import find_layer
 from .masks import channel_count, prune_channels
+from .precision import precision_record, runs_in_precision_context
 from .predict import predict_labels
 from .split import SplitModel, check_fed_by, split_at, zero_preserving_path
 
@@ -76,6 +77,7 @@ class SweepResult:
     masked_at: str
     full_sweep: bool
     all_steps: list[SweepStep] = field(repr=False, default_factory=list)
+    precision: dict = field(default_factory=dict)  # precision_record() of the run
 
 
 def _others(values: Sequence[torch.Tensor], n: int) -> list[bool]:
@@ -114,10 +116,11 @@ def _split_for(model: nn.Module, layer: str, rank_layer: str) -> SplitModel:
     return split_at(model, layer)
 
 
+@runs_in_precision_context
 @torch.inference_mode()
 def sweep_predictions(
     model: nn.Module, dataset: DataLike, order: Sequence[int], layer: str = "conv_3",
-    rank_layer: str = "pool_3", batch_size: int = 1024,
+    rank_layer: str = "pool_3", batch_size: int = 1024, *, tf32: bool = False,
 ) -> torch.Tensor:
     """Top-1 labels after each step, shape ``(len(order) + 1, N)`` (row 0: nothing pruned)."""
     dataset = as_image_data(dataset)
@@ -129,16 +132,18 @@ def sweep_predictions(
     return torch.cat(columns, dim=1)
 
 
+@runs_in_precision_context
 @torch.inference_mode()
 def naive_sweep_predictions(
     model: nn.Module, dataset: DataLike, order: Sequence[int], layer: str = "conv_3", batch_size: int = 1024,
+    *, tf32: bool = False,
 ) -> torch.Tensor:
     """The reference procedure: a full forward of the masked model at every step (slow)."""
     dataset = as_image_data(dataset)
-    rows = [predict_labels(model, dataset, batch_size)]
+    rows = [predict_labels(model, dataset, batch_size, tf32=tf32)]
     for step in range(1, len(order) + 1):
         pruned = prune_channels(copy.deepcopy(model), layer, order[:step])
-        rows.append(predict_labels(pruned, dataset, batch_size))
+        rows.append(predict_labels(pruned, dataset, batch_size, tf32=tf32))
     return torch.stack(rows)
 
 
@@ -187,6 +192,7 @@ def find_thresholds(correct: Sequence[int], total: int, thresholds: Sequence[flo
     return hits
 
 
+@runs_in_precision_context
 def run_sweep(
     model: nn.Module,
     clean: DataLike,
@@ -199,9 +205,11 @@ def run_sweep(
     batch_size: int = 1024,
     cache_bytes: int = 1 << 30,
     progress: bool = False,
+    tf32: bool = False,
 ) -> SweepResult:
     """Rank ``layer``'s channels on ``clean`` by ``rank_layer``'s mean activation, then prune
     them one by one, recording clean accuracy and (with ``poisoned``) the attack success rate.
+    Everything runs in IEEE fp32 unless ``tf32`` (see :func:`~bdpruning.precision.precision_context`).
 
     ``clean`` and ``poisoned`` take any form of :func:`~bdpruning.datasource.as_image_data`;
     ``rank_layer`` must be computed from ``layer`` (checked in the traced graph)."""
@@ -216,7 +224,7 @@ def run_sweep(
     channels = channel_count(module)
     check_fed_by(model, layer_name, rank_name)
     with torch.inference_mode():
-        probe = rank_channels(model, (clean.first_images(1), torch.zeros(1, dtype=torch.int64)), rank_name)
+        probe = rank_channels(model, (clean.first_images(1), torch.zeros(1, dtype=torch.int64)), rank_name, tf32=tf32)
     if len(probe.order) != channels:
         raise BdpruningError(
             f"rank layer {rank_name!r} has {len(probe.order)} channels but {layer_name!r} has {channels}; "
@@ -227,7 +235,7 @@ def run_sweep(
         if split.node_name == rank_name:
             ranking, cached = _rank_and_cache(split, rank_name, clean, batch_size, device, cache_bytes, progress)
         else:
-            ranking, cached = rank_channels(model, clean, rank_name, batch_size, progress), None
+            ranking, cached = rank_channels(model, clean, rank_name, batch_size, progress, tf32=tf32), None
         clean_correct = _correct_counts(split, clean, ranking.order, batch_size, device, cached, "sweep clean", progress)
         poisoned_hits = None
         if poisoned is not None:
@@ -253,4 +261,5 @@ def run_sweep(
         if not hit.reached:
             log.warning("accuracy never dropped by %g points: no repaired model for that threshold", hit.threshold)
     return SweepResult(layer_name, rank_name, ranking, steps[: last + 1], found, len(clean),
-                       None if poisoned is None else len(poisoned), split.node_name, full_sweep, steps)
+                       None if poisoned is None else len(poisoned), split.node_name, full_sweep, steps,
+                       precision_record())

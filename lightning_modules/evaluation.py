@@ -2,7 +2,9 @@
 
 The module is thin: per batch it asks :mod:`bdpruning.metrics` which counts each image adds
 to, and torchmetrics sums those counts across processes. With :class:`~.data.H5DataModule`
-every image is seen once, so the counts equal a single process's, not approximately::
+every image is seen once, so the counts equal a single process's, not approximately. Each
+evaluation step runs inside :func:`~bdpruning.precision.precision_context` (IEEE fp32 unless
+``tf32``), in whichever process runs it, so every DDP process gets it::
 
     results = evaluate_model(model, "test.h5", "bd_test.h5")   # counts and rates (percent)
     results = evaluate_model(model, "test.h5", "bd_test.h5", accelerator="cpu", devices=2,
@@ -21,6 +23,7 @@ from torch import nn
 
 from bdpruning.errors import BdpruningError
 from bdpruning.metrics import EVALUATION_COUNTS, Count, evaluation_outcomes, evaluation_rates
+from bdpruning.precision import precision_context
 
 from .data import SET_NAMES, DataLike, H5DataModule
 
@@ -30,11 +33,15 @@ __all__ = [
 
 
 class CountingModule(pl.LightningModule):
-    """Evaluation by counts: subclasses say what each batch adds in :meth:`outcomes`."""
+    """Evaluation by counts: subclasses say what each batch adds in :meth:`outcomes`.
 
-    def __init__(self, count_names: Iterable[str]) -> None:
+    Every evaluation step runs in IEEE fp32 unless ``tf32`` (TF32 allowed on CUDA).
+    """
+
+    def __init__(self, count_names: Iterable[str], tf32: bool = False) -> None:
         super().__init__()
         self.counts = nn.ModuleDict({name: Count() for name in count_names})
+        self.tf32 = tf32
 
     def outcomes(self, images: torch.Tensor, labels: torch.Tensor, poisoned: bool) -> dict[str, torch.Tensor]:
         """Per-image flags for each count this batch adds to."""
@@ -42,7 +49,9 @@ class CountingModule(pl.LightningModule):
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         images, labels = batch
-        for name, flags in self.outcomes(images, labels, SET_NAMES[dataloader_idx] == "poisoned").items():
+        with precision_context(self.tf32):
+            outcomes = self.outcomes(images, labels, SET_NAMES[dataloader_idx] == "poisoned")
+        for name, flags in outcomes.items():
             self.counts[name].update(flags)
 
     def on_test_epoch_end(self) -> None:
@@ -56,8 +65,8 @@ class CountingModule(pl.LightningModule):
 class EvaluationModule(CountingModule):
     """One model's counts on the clean and poisoned sets (see :func:`bdpruning.metrics.evaluation_rates`)."""
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__(EVALUATION_COUNTS)
+    def __init__(self, model: nn.Module, tf32: bool = False) -> None:
+        super().__init__(EVALUATION_COUNTS, tf32)
         self.model = model
 
     def outcomes(self, images: torch.Tensor, labels: torch.Tensor, poisoned: bool) -> dict[str, torch.Tensor]:
@@ -122,14 +131,16 @@ def evaluate_model(
     poisoned: DataLike | None = None,
     batch_size: int = 512,
     num_workers: int = 0,
+    tf32: bool = False,
     **trainer_options,
 ) -> dict[str, int | float | None] | None:
-    """Counts and rates (percent) of ``model`` on the clean and poisoned test sets.
+    """Counts and rates (percent) of ``model`` on the clean and poisoned test sets, in IEEE fp32
+    unless ``tf32`` (see :func:`~bdpruning.precision.precision_context`).
 
     The sets are checked against the model's classes and input shape. Returns None in the
     extra processes of the ``ddp`` launcher; ``trainer_options`` go to :func:`make_trainer`.
     """
     data = H5DataModule.for_model(model, clean_test=clean, poisoned_test=poisoned, batch_size=batch_size,
                                   num_workers=num_workers)
-    counts = run_evaluation(EvaluationModule(model), data, **trainer_options)
+    counts = run_evaluation(EvaluationModule(model, tf32), data, **trainer_options)
     return None if counts is None else {**counts, **evaluation_rates(counts)}

@@ -26,6 +26,7 @@ from bdpruning.finetuning import (
 from bdpruning.datasource import data_name
 from bdpruning.masks import refresh_masked_weights
 from bdpruning.metrics import EVALUATION_COUNTS
+from bdpruning.precision import precision_record
 
 from .data import DataLike, H5DataModule
 from .evaluation import EvaluationModule, make_trainer
@@ -39,11 +40,14 @@ class FinetuneModule(EvaluationModule):
     """Trains ``model`` on clean batches; records the evaluation counts and train loss per epoch.
 
     ``history_counts[e]`` (int64, columns :data:`~bdpruning.metrics.EVALUATION_COUNTS`) and
-    ``history_loss[e]`` hold epoch ``e``; row 0 is before training (its loss is NaN).
+    ``history_loss[e]`` hold epoch ``e``; row 0 is before training (its loss is NaN). Training
+    runs in the process's float32 precision, recorded in ``training_precision`` when it starts;
+    the evaluation in IEEE fp32 unless ``tf32``.
     """
 
-    def __init__(self, model: nn.Module, epochs: int, optimizer: str, lr: float) -> None:
-        super().__init__(model)
+    def __init__(self, model: nn.Module, epochs: int, optimizer: str, lr: float, tf32: bool = False) -> None:
+        super().__init__(model, tf32)
+        self.training_precision: dict | None = None
         self.optimizer_name, self.lr = optimizer, lr
         self.train_loss = MeanMetric()
         self.register_buffer("history_counts", torch.zeros(epochs + 1, len(EVALUATION_COUNTS), dtype=torch.int64))
@@ -55,6 +59,9 @@ class FinetuneModule(EvaluationModule):
         for metric in self.modules():
             if isinstance(metric, Metric):
                 metric.reset()
+
+    def on_train_start(self) -> None:
+        self.training_precision = precision_record()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
@@ -108,6 +115,7 @@ def finetune_model(
     num_workers: int = 0,
     seed: int = 0,
     layer: str = "conv_3",
+    tf32: bool = False,
     **trainer_options,
 ) -> FinetuneResult | None:
     """Fine-tune the repaired ``model`` in place on ``clean_train``, its pruned channels held at zero.
@@ -118,9 +126,12 @@ def finetune_model(
     ``poisoned_eval`` before training and after every epoch. Mask-less models get masks on the
     all-zero channels of ``layer`` first (see :func:`bdpruning.finetuning.keep_pruned_at_zero`).
     The data order is the only randomness and ``seed`` fixes it: on CPU the same seed gives the
-    same weights. ``batch_size`` is per process under DDP. Returns None in the
-    extra processes of the ``ddp`` launcher; ``trainer_options`` (accelerator, devices,
-    strategy: ``ddp`` or ``ddp_spawn``, progress) go to :func:`~.evaluation.make_trainer`.
+    same weights. Training keeps torch's float32 precision (on CUDA cuDNN may use TF32); the
+    evaluation runs in IEEE fp32 unless ``tf32``; ``settings["precision"]`` records both (with
+    ``ddp_spawn`` the training record is the launching process's). ``batch_size`` is per
+    process under DDP. Returns None in the extra processes of the ``ddp`` launcher;
+    ``trainer_options`` (accelerator, devices, strategy: ``ddp`` or ``ddp_spawn``, progress) go
+    to :func:`~.evaluation.make_trainer`.
     """
     lr = check_finetune_settings(epochs, lr, batch_size, optimizer)
     clean_eval = clean_train if clean_eval is None else clean_eval
@@ -128,7 +139,8 @@ def finetune_model(
                                   batch_size=batch_size, num_workers=num_workers, seed=seed)
     pruned = keep_pruned_at_zero(model, layer)
     refresh_masked_weights(model)  # a leaf without autograd history: ddp_spawn must pickle it
-    module = FinetuneModule(model.train(), epochs, optimizer, lr)  # load_model gives eval mode; Lightning keeps it
+    # load_model gives eval mode; Lightning keeps it
+    module = FinetuneModule(model.train(), epochs, optimizer, lr, tf32)
     # num_sanity_val_steps=-1: the whole evaluation runs before the first epoch (the "before" row)
     trainer = make_trainer(max_epochs=epochs, num_sanity_val_steps=-1, **trainer_options)
     data.check_processes(trainer.world_size)
@@ -140,7 +152,9 @@ def finetune_model(
     refresh_masked_weights(model.cpu())
     settings = {"epochs": epochs, "optimizer": optimizer, "lr": lr, "batch_size": batch_size, "seed": seed,
                 "layer": layer, "accelerator": trainer_options.get("accelerator", "auto"),
-                "devices": trainer_options.get("devices", 1), "strategy": trainer_options.get("strategy", "auto")}
+                "devices": trainer_options.get("devices", 1), "strategy": trainer_options.get("strategy", "auto"),
+                "precision": {"training": module.training_precision or precision_record(),
+                              "evaluation": precision_record(tf32)}}
     sets = {"train": data_name(clean_train),
             "clean_eval": data_name(clean_eval),
             "poisoned_eval": None if poisoned_eval is None else data_name(poisoned_eval)}

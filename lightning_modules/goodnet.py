@@ -26,10 +26,10 @@ __all__ = ["GoodNetModule", "goodnet_results", "evaluate_goodnets"]
 class GoodNetModule(CountingModule):
     """Counts of B' and of GoodNet(B, B') for every repaired model, on clean and poisoned sets."""
 
-    def __init__(self, bd: nn.Module, repaired: Sequence[nn.Module]) -> None:
+    def __init__(self, bd: nn.Module, repaired: Sequence[nn.Module], tf32: bool = False) -> None:
         if not repaired:
             raise BdpruningError("GoodNet needs at least one repaired model B'")
-        super().__init__(f"{i}/{name}" for i in range(len(repaired)) for name in GOODNET_COUNTS)
+        super().__init__((f"{i}/{name}" for i in range(len(repaired)) for name in GOODNET_COUNTS), tf32)
         self.goodnets = nn.ModuleList(GoodNet(bd, model) for model in repaired)
 
     def outcomes(self, images: torch.Tensor, labels: torch.Tensor, poisoned: bool) -> dict[str, torch.Tensor]:
@@ -57,14 +57,16 @@ def evaluate_goodnets(
     poisoned: DataLike | None = None,
     batch_size: int = 512,
     num_workers: int = 0,
+    tf32: bool = False,
     **trainer_options,
 ) -> list[dict[str, float | None]] | None:
-    """Rates (percent) of B' and GoodNet(B, B') for each repaired model, in order.
+    """Rates (percent) of B' and GoodNet(B, B') for each repaired model, in order; in IEEE fp32
+    unless ``tf32`` (see :func:`~bdpruning.precision.precision_context`).
 
     Returns None in the extra processes of the ``ddp`` launcher; ``trainer_options`` go to
     :func:`~.evaluation.make_trainer`.
     """
-    module = GoodNetModule(bd, repaired)  # refuses B' that do not match B
+    module = GoodNetModule(bd, repaired, tf32)  # refuses B' that do not match B
     data = H5DataModule.for_model(bd, clean_test=clean, poisoned_test=poisoned, batch_size=batch_size,
                                   num_workers=num_workers)
     counts = run_evaluation(module, data, **trainer_options)

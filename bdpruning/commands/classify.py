@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .evaluate import add_tf32_argument
+
 __all__ = ["add_arguments", "run"]
 
 
@@ -13,6 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repaired", required=True, help="the repaired model B'")
     parser.add_argument("--resize", action="store_true", help="resize images of another size (bilinear)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_tf32_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -22,11 +25,12 @@ def run(args: argparse.Namespace) -> int:
     from ..goodnet import GoodNet, goodnet_labels
     from ..images import read_images
     from ..loading import load_model
+    from ..precision import precision_context
 
     device = resolve_device(args.device)
     goodnet = GoodNet(load_model(args.bd, device), load_model(args.repaired, device))
     images = read_images(args.images, goodnet.input_shape, resize=args.resize).to(device)
-    with torch.inference_mode():
+    with torch.inference_mode(), precision_context(args.tf32):
         bd_probs, repaired_probs = goodnet.outputs(images)
     bd, repaired = bd_probs.argmax(dim=1), repaired_probs.argmax(dim=1)
     labels = goodnet_labels(bd, repaired, goodnet.num_classes)

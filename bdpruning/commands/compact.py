@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .evaluate import add_tf32_argument
+
 __all__ = ["add_arguments", "run"]
 
 
@@ -24,13 +26,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tolerance", type=float, default=1e-5,
                         help="largest absolute output difference allowed (default: 1e-5)")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+    add_tf32_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..compact_run import compact_directory
 
     report = compact_directory(args.model, args.out, layer=args.layer, data=args.data, samples=args.samples,
-                               seed=args.seed, tolerance=args.tolerance, force=args.force)
+                               seed=args.seed, tolerance=args.tolerance, force=args.force, tf32=args.tf32)
     for step in report["removed"]:
         members = ", ".join(f"{m['layer']} ({m['role']})" for m in step["members"][1:])
         print(f"{step['layer']}: removed {step['count']} of {step['of']} channels; also shrank {members}")

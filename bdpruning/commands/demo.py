@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .evaluate import add_tf32_argument
+
 __all__ = ["add_arguments", "run"]
 
 
@@ -12,6 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", help="where the demo data and BadNet are built and reused "
                                         "(default $XDG_CACHE_HOME/bdpruning/demo)")
     parser.add_argument("--thresholds", type=float, nargs="+", default=[2.0, 4.0, 10.0, 20.0])
+    add_tf32_argument(parser)
     parser.add_argument("--finetune-epochs", type=int, default=10,
                         help="epochs of fine-pruning for the first repaired model (default: 10)")
     parser.add_argument("--seed", type=int, default=0)
@@ -20,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..demo.pipeline import run_demo
 
-    report = run_demo(args.out, args.cache, thresholds=args.thresholds,
+    report = run_demo(args.out, args.cache, thresholds=args.thresholds, tf32=args.tf32,
                       finetune_epochs=args.finetune_epochs, build_options={"seed": args.seed})
     print(f"report: {report}")
     return 0

@@ -12,7 +12,7 @@ import logging
 import sys
 import warnings
 
-__all__ = ["add_arguments", "run", "add_lightning_arguments", "lightning_options"]
+__all__ = ["add_arguments", "run", "add_lightning_arguments", "add_tf32_argument", "lightning_options"]
 
 
 def add_lightning_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +25,13 @@ def add_lightning_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=512,
                         help="images per batch and process (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    add_tf32_argument(parser)
+
+
+def add_tf32_argument(parser: argparse.ArgumentParser) -> None:
+    """``--tf32``: the commands that report numbers compute them in IEEE fp32 unless it is given."""
+    parser.add_argument("--tf32", action="store_true", help="allow TF32 on CUDA: faster, numbers may differ "
+                                                            "from the reference by fractions of a point")
 
 
 def lightning_options(args: argparse.Namespace) -> dict:
@@ -34,7 +41,7 @@ def lightning_options(args: argparse.Namespace) -> dict:
             logging.getLogger(name).setLevel(logging.WARNING)
         warnings.filterwarnings("ignore", module="pytorch_lightning")
     return dict(accelerator=args.accelerator, devices=args.devices, strategy=args.strategy,
-                batch_size=args.batch_size, num_workers=args.workers, progress=sys.stdout.isatty())
+                batch_size=args.batch_size, num_workers=args.workers, progress=sys.stdout.isatty(), tf32=args.tf32)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,12 +60,14 @@ def run(args: argparse.Namespace) -> int:
     from ..atomic import atomic_file
     from ..loading import load_model
     from ..lightning_modules.evaluation import evaluate_model
+    from ..precision import precision_record
 
     model = load_model(args.model, device="cpu")
     results = evaluate_model(model, args.clean, args.poisoned, **lightning_options(args))
     if results is None:  # an extra ddp process: the first one reports
         return 0
-    results = {"model": args.model, "clean": args.clean, "poisoned": args.poisoned, **results}
+    results = {"model": args.model, "clean": args.clean, "poisoned": args.poisoned, **results,
+               "precision": precision_record(args.tf32)}
     with atomic_file(args.out) as handle:
         json.dump(results, handle, indent=2)
         handle.write("\n")

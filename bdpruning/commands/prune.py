@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .evaluate import add_tf32_argument
+
 __all__ = ["add_arguments", "run"]
 
 
@@ -32,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed for torch (the sweep itself is deterministic)")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_tf32_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         args.model, args.clean_valid, args.out, poisoned_valid=args.poisoned_valid,
         thresholds=args.thresholds, layer=args.layer, rank_layer=args.rank_layer,
         full_sweep=args.full_sweep, device=args.device, batch_size=args.batch_size,
-        force=args.force, progress=not args.no_progress,
+        force=args.force, progress=not args.no_progress, tf32=args.tf32,
     )
     base = summary["baseline"]
     asr = lambda v: "-" if v is None else f"{v:6.2f}"  # noqa: E731

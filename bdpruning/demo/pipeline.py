@@ -57,12 +57,14 @@ def run_demo(
     thresholds: Sequence[float] = (2.0, 4.0, 10.0, 20.0),
     finetune_epochs: int = 10,
     build_options: dict | None = None,
+    tf32: bool = False,
 ) -> Path:
     """Run the pipeline into ``out`` (replaced atomically); return the report's path.
 
     The first repaired model (lowest threshold reached) is fine-tuned on the clean validation set
     for ``finetune_epochs`` (evaluated on the test sets), then compacted: the deployable B'.
-    GoodNet is evaluated with every repaired model and the fine-tuned one.
+    GoodNet is evaluated with every repaired model and the fine-tuned one. ``tf32`` passes
+    ``--tf32`` to the stages that report numbers (prune, finetune, compact, goodnet).
     """
     if finetune_epochs < 1:
         raise BdpruningError(f"--finetune-epochs must be at least 1 (got {finetune_epochs})")
@@ -71,6 +73,7 @@ def run_demo(
     demo: DemoFiles = build_demo(Path(cache or default_cache_dir()).resolve(), **(build_options or {}))
     timings = {"build (cached after the first run)": time.perf_counter() - start}
     commands = []
+    precision = ["--tf32"] if tf32 else []
     with atomic_dir(out) as run:
         (run / "logs").mkdir()
 
@@ -82,16 +85,18 @@ def run_demo(
         stage("convert", [str(demo.bd_net), "--out", "converted", "--data", str(demo.clean_valid)])
         stage("prune", ["--model", "converted", "--clean-valid", str(demo.clean_valid),
                         "--poisoned-valid", str(demo.poisoned_valid), "--out", "pruning",
-                        "--thresholds", *[f"{t:g}" for t in thresholds], "--no-progress"])
+                        "--thresholds", *[f"{t:g}" for t in thresholds], "--no-progress", *precision])
         summary = json.loads((run / "pruning" / "summary.json").read_text())
         repaired = [f"pruning/{t['model_dir']}" for t in summary["thresholds"] if t["reached"]]
         if repaired:
             stage("finetune", ["--model", repaired[0], "--clean-valid", str(demo.clean_valid),
                                "--clean-test", str(demo.clean_test), "--poisoned-test", str(demo.poisoned_test),
-                               "--epochs", str(finetune_epochs), "--out", "finetuned"])
-            stage("compact", ["--model", "finetuned", "--out", "compact", "--data", str(demo.clean_valid)])
+                               "--epochs", str(finetune_epochs), "--out", "finetuned", *precision])
+            stage("compact", ["--model", "finetuned", "--out", "compact", "--data", str(demo.clean_valid),
+                             *precision])
             stage("goodnet", ["--bd", "converted", "--repaired", *repaired, "finetuned", "--clean",
-                              str(demo.clean_test), "--poisoned", str(demo.poisoned_test), "--out", "goodnet"])
+                              str(demo.clean_test), "--poisoned", str(demo.poisoned_test),
+                              "--out", "goodnet", *precision])
         report = write_report(run, demo, commands, timings)
     log.info("report written to %s", out / report.name)
     return out / report.name
