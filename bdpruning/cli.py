@@ -50,10 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     command.add_arguments(parser)
     args = parser.parse_args(rest)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    # other libraries log at WARNING and above; -v shows bdpruning's own debug messages only
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("bdpruning").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(command.run(args) or 0)
     except BdpruningError as exc:

@@ -36,17 +36,11 @@ __all__ = [
     "image_input_shape",
 ]
 
-#: Built-in Keras layers bdpruning accepts in a model file. Anything else (``Lambda``, custom
-#: classes) would need code from the file or from the user to load, and is refused.
-BUILTIN_LAYERS = frozenset(
-    """InputLayer Conv1D Conv2D Conv3D DepthwiseConv2D SeparableConv2D Conv2DTranspose Dense
-    MaxPooling1D MaxPooling2D MaxPooling3D AveragePooling1D AveragePooling2D AveragePooling3D
-    GlobalAveragePooling1D GlobalAveragePooling2D GlobalMaxPooling1D GlobalMaxPooling2D Flatten
-    Reshape Permute Dropout SpatialDropout2D GaussianNoise BatchNormalization LayerNormalization
-    Activation ReLU LeakyReLU PReLU ELU Softmax ThresholdedReLU Add Subtract Multiply Average
-    Maximum Minimum Concatenate ZeroPadding2D Cropping2D UpSampling2D
-    Functional Model Sequential""".split()
-)
+#: The layer classes of the DeepID architecture: a file made only of these is checked without
+#: TensorFlow. For any other class, Keras itself says whether it is built in (see
+#: :func:`_builtin_in_keras`).
+_DEEPID_CLASSES = frozenset(
+    "InputLayer Conv2D MaxPooling2D Flatten Dense Add Activation Functional Model Sequential".split())
 
 # Keras name -> kernel shape for DeepID (None: any size, the class count).
 _DEEPID_KERNELS: dict[str, tuple[int | None, ...]] = {
@@ -109,12 +103,24 @@ def _check_layers(path: Path, config: dict) -> None:
                 f"layer {layer['name']!r} is a Keras Lambda layer: it holds code, and bdpruning "
                 "never executes code embedded in a model file",
             )
-        if cls not in BUILTIN_LAYERS:
+        if cls not in _DEEPID_CLASSES and not _builtin_in_keras(path, cls):
             raise file_error(
                 path,
                 f"layer {layer['name']!r} has class {cls!r}, which is not a built-in Keras layer "
                 "(custom layers need code that bdpruning will not load)",
             )
+
+
+def _builtin_in_keras(path: Path, class_name: str) -> bool:
+    """Whether Keras itself has ``class_name`` among its built-in layers, which its safe-mode
+    loading rebuilds without code from the file (imports TensorFlow: the [convert] extra)."""
+    try:
+        from .convert.tensorflow_runtime import keras
+    except ImportError:
+        raise file_error(path, f"layer class {class_name!r} needs Keras to check: "
+                               "pip install 'bdpruning[convert]'") from None
+    found = getattr(keras.layers, class_name, None) if isinstance(class_name, str) else None
+    return isinstance(found, type) and issubclass(found, keras.layers.Layer) and class_name != "Lambda"
 
 
 def read_keras_h5(path: str | os.PathLike[str]) -> KerasH5:

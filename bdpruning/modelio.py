@@ -31,6 +31,8 @@ WEIGHTS = "model.safetensors"
 ONNX_FILE = "model.onnx"
 FORMAT = "bdpruning-model"
 ONNX_OPSET = 17
+# torch.fx.GraphModule.__deepcopy__ restores the attributes named under this key of ``meta``
+_FX_PRESERVED = "_user_preserved_attributes"
 
 
 @dataclass
@@ -57,8 +59,11 @@ def model_info(model: nn.Module) -> ModelInfo:
 
 
 def attach_info(model: nn.Module, info: ModelInfo) -> nn.Module:
-    """Record ``info`` on ``model`` (returns ``model``)."""
+    """Record ``info`` on ``model`` (returns ``model``); ``copy.deepcopy`` keeps it, also for
+    torch.fx GraphModules (onnx2torch models), which otherwise drop unknown attributes."""
     model.bdpruning_info = info
+    if isinstance(model, torch.fx.GraphModule):
+        model.meta.setdefault(_FX_PRESERVED, {})["bdpruning_info"] = info
     return model
 
 

@@ -3,6 +3,7 @@ other CNNs; it saves, reloads, exports and serves in GoodNet; bad input ends in 
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -15,7 +16,7 @@ from bdpruning.atomic import atomic_dir
 from bdpruning.cli import main
 from bdpruning.compaction import compact_model, model_cost
 from bdpruning.dependency import channel_group, remove_channels
-from conftest import PRUNED_2PCT_CHANNELS, noisy_faces
+from conftest import PRUNED_2PCT_CHANNELS, noisy_faces, safe_for
 
 # What one conv_3 channel of DeepID costs: its 40x3x3 kernel and bias; 80x2x2 conv_4 weights;
 # 20 fc_1 columns (5x4 positions) of 160. FLOPs per image: conv_3 (10x8 outputs), conv_4 (4x3), fc_1.
@@ -28,9 +29,12 @@ def _images(face_images: torch.Tensor, count: int = 64) -> torch.Tensor:
 
 
 def _assert_same_outputs(masked: nn.Module, compact: nn.Module, images: torch.Tensor) -> None:
+    """The same function: compared in float64, where dropping zero terms from the sums moves the
+    outputs by round-off of order 1e-16 only (in float32 it could flip a near-tie's top-1)."""
     with torch.no_grad():
-        expected, actual = masked(images), compact(images)
-    assert (expected - actual).abs().max() <= 1e-5
+        expected = copy.deepcopy(masked).double()(images.double())
+        actual = copy.deepcopy(compact).double()(images.double())
+    assert (expected - actual).abs().max() <= 1e-12
     assert torch.equal(expected.argmax(1), actual.argmax(1))
 
 
@@ -68,9 +72,11 @@ def test_compact_model_saves_reloads_and_serves_as_goodnet_repair(bd_weights, pr
     images = _images(face_images)
     with torch.no_grad():
         assert torch.equal(reloaded(images), compact(images))
-    bd = load_model(bd_weights, "cpu")
+    bd, zeroed = load_model(bd_weights, "cpu"), load_model(pruned_full, "cpu")
+    safe = torch.from_numpy(safe_for([bd, zeroed], images.numpy()))  # labels no round-off can flip
+    assert safe.float().mean() > 0.9
     with torch.no_grad():
-        assert torch.equal(GoodNet(bd, reloaded)(images), GoodNet(bd, load_model(pruned_full, "cpu"))(images))
+        assert torch.equal(GoodNet(bd, reloaded)(images[safe]), GoodNet(bd, zeroed)(images[safe]))
 
 
 def test_compact_command_reports_costs_and_checks_onnx(bd_weights, face_images, tmp_path, capsys):
@@ -79,13 +85,13 @@ def test_compact_command_reports_costs_and_checks_onnx(bd_weights, face_images, 
         save_model_dir(masked, directory)
     assert main(["compact", "--model", str(tmp_path / "masked"), "--out", str(tmp_path / "out"),
                  "--samples", "32"]) == 0
+    pytest.importorskip("onnxruntime", reason="the compact model's ONNX check needs the [convert] extra")
     assert "removed 20 of 60 channels" in capsys.readouterr().out
     report = json.loads((tmp_path / "out" / "compaction.json").read_text())
     assert report["passed"] and report["max_abs_diff"] <= 1e-5 and report["argmax_agreement"] == 1
     assert report["before"]["flops"] - report["after"]["flops"] == 20 * FLOPS_PER_CHANNEL
     assert report["removed"][0]["channels"] == list(range(0, 60, 3))
-    if report["onnx_vs_torch"] is not None:  # onnxruntime comes with the [convert] extra
-        assert report["onnx_vs_torch"]["max_abs_diff"] <= 1e-5
+    assert report["onnx_vs_torch"] is not None and report["onnx_vs_torch"]["max_abs_diff"] <= 1e-5
     reloaded = load_model(tmp_path / "out", "cpu")
     assert reloaded.conv_3.out_channels == 40
     _assert_same_outputs(masked, reloaded, _images(face_images, 16))
@@ -135,7 +141,8 @@ def test_other_cnns_compact_exactly(build, layer, members):
     model = build().eval()
     if build is _Branchy:  # non-zero constants from the removed channels, folded into c and fc
         _randomize_batchnorm(model)
-    x = torch.rand(4, 3, 14, 14) if build is _Branchy else torch.rand(2, 3, 64, 64)
+    model.double()  # float64: the removal changes the sums by round-off of order 1e-16 only
+    x = (torch.rand(4, 3, 14, 14) if build is _Branchy else torch.rand(2, 3, 64, 64)).double()
     channels = [0, 2, 5]
     prune_channels(model, layer, channels)
     with torch.no_grad():
@@ -143,7 +150,7 @@ def test_other_cnns_compact_exactly(build, layer, members):
     groups = remove_channels(model, [(layer, channels)], x)
     assert [m.name for m in groups[0].members] == members
     with torch.no_grad():
-        assert (model(x) - expected).abs().max() <= 1e-5
+        assert (model(x) - expected).abs().max() <= 1e-12
     assert pruned_channels(model, layer) == []
 
 

@@ -12,9 +12,11 @@ from torch import nn
 import bdpruning
 from bdpruning import BdpruningError
 from bdpruning.activations import rank_channels
+from bdpruning.atomic import atomic_dir
 from bdpruning.cli import main
 from bdpruning.modelio import ModelInfo, attach_info
 from bdpruning.predict import predict_labels
+from bdpruning.roundoff import float64_reference
 from bdpruning.sweep import find_thresholds, naive_sweep_predictions, run_sweep, sweep_predictions
 from conftest import CLEAN_IMAGE, POISONED_IMAGE, write_h5_set
 
@@ -61,27 +63,33 @@ def _random_set(tmp_path, n=37, classes=5, seed=1):
     return bdpruning.read_h5_dataset(write_h5_set(tmp_path / "r.h5", data, rng.integers(0, classes, n)))
 
 
-def test_fast_sweep_equals_naive_sweep_on_deepid(bd_weights, face_set):
-    model = bdpruning.load_model(bd_weights, device="cpu")
-    data = bdpruning.read_h5_dataset(face_set, 1283)
+def _assert_same_sweeps(fast: torch.Tensor, naive: torch.Tensor) -> None:
+    assert fast.shape == naive.shape and torch.equal(fast, naive)
+
+
+def test_fast_sweep_equals_naive_sweep_on_deepid(bd_weights, face_set, tmp_path):
+    """In float64, so that equality is not left to round-off: the fast sweep computes each step
+    on other batches than a plain forward does, which in float32 may flip a near-tie."""
+    model = bdpruning.load_model(bd_weights, device="cpu").double()
+    whole = bdpruning.read_h5_dataset(face_set, 1283)
+    images = whole.read(0, 48).numpy().astype(np.uint8)
+    data = bdpruning.read_h5_dataset(write_h5_set(tmp_path / "48.h5", images, whole.labels[:48].numpy()), 1283)
     order = rank_channels(model, data, "pool_3").order
-    fast = sweep_predictions(model, data, order, "conv_3", "pool_3", batch_size=100)
-    naive = naive_sweep_predictions(model, data, order, "conv_3")
-    assert fast.shape == (61, 120)
-    assert torch.equal(fast, naive)
-    assert (fast[-1] != fast[0]).any()  # the sweep does change predictions
+    fast = sweep_predictions(model, data, order, "conv_3", "pool_3", batch_size=20)
+    _assert_same_sweeps(fast, naive_sweep_predictions(model, data, order, "conv_3"))
+    assert fast.shape == (61, 48) and (fast[-1] != fast[0]).any()  # the sweep does change predictions
 
 
 def test_fast_sweep_equals_naive_sweep_on_another_architecture(tmp_path):
     torch.manual_seed(0)
-    model = SkipNet().eval()
+    model = SkipNet().eval().double()
     with torch.no_grad():  # non-trivial BatchNorm statistics
         model.bn.running_mean.uniform_(-0.5, 0.5)
         model.bn.running_var.uniform_(0.5, 2)
     data = _random_set(tmp_path)
     order = rank_channels(model, data, "block").order
     fast = sweep_predictions(model, data, order, "block", "bn", batch_size=16)
-    assert torch.equal(fast, naive_sweep_predictions(model, data, order, "block"))
+    _assert_same_sweeps(fast, naive_sweep_predictions(model, data, order, "block"))
     assert (fast[-1] != fast[0]).any()
 
 
@@ -113,10 +121,12 @@ def test_sweep_reports_results_and_saves_repaired_models(bd_weights, face_set, t
         assert bdpruning.pruned_channels(repaired, "conv_3") == sorted(order[: hit["channels_pruned"]])
         keras_copy = bdpruning.load_model(out / hit["model_dir"] / "model.h5", device="cpu")
         assert bdpruning.pruned_channels(keras_copy, "conv_3") == sorted(order[: hit["channels_pruned"]])
-        # a plain forward of the saved model reproduces the recorded accuracy
+        # a plain forward of the saved model reproduces the recorded accuracy, up to the images
+        # whose float64 margin is within round-off (none, on most machines)
         data = bdpruning.read_h5_dataset(face_set, 1283)
+        unsafe = int((~float64_reference(repaired, data.read(0, len(data)).numpy()).safe).sum())
         accuracy = 100 * (predict_labels(repaired, data) == data.labels).double().mean().item()
-        assert accuracy == pytest.approx(hit["clean_accuracy"], abs=1e-9)
+        assert abs(accuracy - hit["clean_accuracy"]) <= 100 * unsafe / len(data) + 1e-9
         model = repaired
     rows = (out / "sweep.csv").read_text().splitlines()
     assert rows[0] == "step,channel,fraction_pruned,clean_accuracy,attack_success_rate,accuracy_drop"
@@ -148,10 +158,25 @@ def test_masks_survive_training_steps_and_reload(bd_weights, tmp_path):
     bdpruning.prune_channels(model, "conv_3", [1, 2])
     bdpruning.prune_channels(model, "conv_3", [7])  # masks accumulate
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    loss = model(torch.rand(2, 3, 55, 47) * 255).sum()
+    images = torch.rand(2, 3, 55, 47) * 255
+    loss = model(images).sum()
     loss.backward()
     optimizer.step()
     assert bdpruning.pruned_channels(model, "conv_3") == [1, 2, 7]
+    with atomic_dir(tmp_path / "trained") as directory:
+        bdpruning.save_model_dir(model, directory)
+    reloaded = bdpruning.load_model(tmp_path / "trained", device="cpu")
+    assert bdpruning.pruned_channels(reloaded, "conv_3") == [1, 2, 7]
+    seen = {}
+    reloaded.pool_3.register_forward_hook(lambda m, i, o: seen.setdefault("pool_3", o))
+    with torch.no_grad():
+        assert torch.equal(reloaded(images), model(images))
+    assert torch.all(seen["pool_3"][:, [1, 2, 7]] == 0)
+    # the reloaded masks still hold the channels at zero under training
+    optimizer = torch.optim.SGD(reloaded.parameters(), lr=1e-3)
+    reloaded(images).sum().backward()
+    optimizer.step()
+    assert bdpruning.pruned_channels(reloaded, "conv_3") == [1, 2, 7]
 
 
 def test_generic_models_prune_through_the_sweep(tmp_path):
