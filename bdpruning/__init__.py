@@ -19,12 +19,14 @@ from .layers import find_layer, layer_names
 from .loading import load_model
 from .activations import rank_channels
 from .masks import plain_state_dict, prune_channels, pruned_channels
-from .modelio import model_info, save_model_dir
-from .models import DeepID
+from .modelio import save_model_dir
+from .models import DeepID, ModelInfo, adopt, model_info
 
 __all__ = [
     "BdpruningError",
     "DeepID",
+    "ModelInfo",
+    "adopt",
     "GoodNet",
     "H5ImageSet",
     "ImageData",

@@ -22,7 +22,8 @@ from .compaction import compact_model, model_cost
 from .convert import parity
 from .errors import BdpruningError
 from .loading import load_model
-from .modelio import ONNX_FILE, model_info, save_model_dir
+from .modelio import ONNX_FILE, save_model_dir
+from .models import model_info
 from .precision import precision_context
 
 __all__ = ["DEFAULT_TOLERANCE", "DEFAULT_SAMPLES", "compact_directory"]

@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .dependency import ChannelGroup, remove_channels
 from .masks import plain_state_dict, pruned_layers
-from .modelio import model_info
+from .models.record import model_info
 
 __all__ = ["ModelCost", "compact_model", "model_cost", "example_input"]
 

@@ -17,6 +17,7 @@ import csv
 import json
 import math
 import os
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -31,7 +32,8 @@ from .keras_h5 import write_keras_copy
 from .masks import masked_channels, prune_channels, pruned_layers
 from .metrics import EVALUATION_COUNTS, evaluation_rates
 from .modelio import save_model_dir
-from .models.deepid import DeepID
+from .models import model_info
+from .outputs import logits_model
 
 __all__ = [
     "OPTIMIZERS",
@@ -56,23 +58,31 @@ HISTORY_COLUMNS = ("epoch", "train_loss", "clean_accuracy", "attack_success_rate
 
 
 def log_probabilities(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Log class probabilities of ``model`` on ``images``, for training.
+    """Log class probabilities of ``model`` on ``images``, for training, by its output contract.
 
-    bdpruning's models end in softmax, as the Keras models do, and in float32 a confident
-    softmax saturates: the true class's probability can underflow, which leaves no gradient.
-    For :class:`~bdpruning.models.DeepID` the logits are taken from its ``output`` layer with a
-    forward hook, so the result is exact and always has a gradient. For other models it is
-    ``log(probabilities)`` clamped at 1e-12, with no gradient from a class below that.
+    A model that returns logits (``ModelInfo.outputs``, see :func:`bdpruning.adopt`) gets
+    ``log_softmax``. For a model that ends in softmax (every model loaded from Keras) the logits
+    under the softmax are taken from its graph (:func:`bdpruning.outputs.logits_model`), so the
+    result is exact and always has a gradient: in float32 a confident softmax saturates and the
+    true class's probability can underflow. Only where no softmax is found in the graph is it
+    ``log(probabilities)`` clamped at 1e-12.
     """
-    if not isinstance(model, DeepID):
+    if model_info(model).outputs == "logits":
+        return F.log_softmax(model(images), dim=1)
+    logits = _logits_of(model)
+    if logits is None:
         return torch.log(model(images).clamp_min(1e-12))
-    logits = []
-    handle = model.output.register_forward_hook(lambda module, inputs, output: logits.append(output))
-    try:
-        model(images)
-    finally:
-        handle.remove()
-    return F.log_softmax(logits[0], dim=1)
+    return F.log_softmax(logits(images), dim=1)
+
+
+def _logits_of(model: nn.Module) -> nn.Module | None:
+    """:func:`~bdpruning.outputs.logits_model`, traced once per model (it shares the weights)."""
+    if model not in _LOGITS:
+        _LOGITS[model] = logits_model(model)
+    return _LOGITS[model]
+
+
+_LOGITS: "weakref.WeakKeyDictionary[nn.Module, nn.Module | None]" = weakref.WeakKeyDictionary()
 
 
 def finetune_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from .errors import BdpruningError
-from .modelio import export_onnx, model_info
+from .modelio import export_onnx
+from .models import model_info
 
 __all__ = ["GoodNet", "goodnet_labels", "export_goodnet_onnx"]
 

@@ -22,7 +22,7 @@ from torch import nn
 from .atomic import atomic_path
 from .errors import BdpruningError, file_error
 from .masks import plain_state_dict
-from .modelio import model_info
+from .models.record import model_info
 from .models.deepid import DEEPID_INPUT_SHAPE, DeepID
 
 __all__ = [

@@ -12,7 +12,8 @@ from torch import nn
 from .devices import resolve_device
 from .errors import file_error
 from .keras_h5 import deepid_from_keras, fits_deepid, read_keras_h5
-from .modelio import ModelInfo, attach_info, load_model_dir, onnx_to_torch
+from .modelio import load_model_dir, onnx_to_torch
+from .models import ModelInfo, attach_info
 
 __all__ = ["load_model"]
 

@@ -8,6 +8,7 @@ for saving; loading re-applies the masks from the saved channel lists.
 
 from __future__ import annotations
 
+import copy
 from typing import Iterable
 
 import torch
@@ -18,7 +19,7 @@ from .errors import BdpruningError
 from .layers import find_layer
 
 __all__ = ["prune_channels", "pruned_channels", "masked_channels", "pruned_layers", "plain_state_dict",
-           "refresh_masked_weights", "channel_count"]
+           "refresh_masked_weights", "channel_count", "baked_copy"]
 
 
 def channel_count(module: nn.Module) -> int:
@@ -129,3 +130,14 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             value = value * raw[key + "_mask"]
         state[key] = value.detach().cpu().clone().contiguous()
     return state
+
+
+def baked_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose masks are made permanent: plain weights with the pruned
+    channels zero, no pruning hooks (what an exporter should see)."""
+    baked = copy.deepcopy(model)
+    for module in baked.modules():
+        for hook in list(module._forward_pre_hooks.values()):
+            if isinstance(hook, prune.BasePruningMethod):
+                prune.remove(module, hook._tensor_name)
+    return baked

@@ -7,11 +7,11 @@ pruned channels), ``model.safetensors`` (weights; loading never executes pickled
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
@@ -21,56 +21,44 @@ from torch import nn
 
 from .dependency import remove_channels
 from .errors import BdpruningError, file_error
-from .masks import masked_channels, plain_state_dict, prune_channels
+from .masks import baked_copy, masked_channels, plain_state_dict, prune_channels
 from .models.deepid import DeepID
+from .models.record import OUTPUTS, ModelInfo, attach_info, model_info
 
-__all__ = ["ModelInfo", "model_info", "save_model_dir", "load_model_dir", "onnx_to_torch", "export_onnx"]
+__all__ = ["save_model_dir", "load_model_dir", "onnx_to_torch", "export_onnx"]
 
 MODEL_JSON = "model.json"
 WEIGHTS = "model.safetensors"
 ONNX_FILE = "model.onnx"
 FORMAT = "bdpruning-model"
 ONNX_OPSET = 17
-# torch.fx.GraphModule.__deepcopy__ restores the attributes named under this key of ``meta``
-_FX_PRESERVED = "_user_preserved_attributes"
 
 
-@dataclass
-class ModelInfo:
-    """What bdpruning knows about a loaded model; kept on the module as ``bdpruning_info``."""
+def _inline_identity_constants(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Replace ``Identity`` nodes of initializers by initializers of their own.
 
-    architecture: str  # "deepid" or "onnx" (an onnx2torch graph)
-    num_classes: int
-    input_shape: tuple[int, int, int]
-    source: str
-    onnx_bytes: bytes | None = field(default=None, repr=False)  # the graph, for "onnx" models
-    # channels physically removed, in order: (layer, channels as the layer had them then)
-    removed: list[tuple[str, list[int]]] = field(default_factory=list)
-
-
-def model_info(model: nn.Module) -> ModelInfo:
-    """The :class:`ModelInfo` of a model loaded or built by bdpruning."""
-    info = getattr(model, "bdpruning_info", None)
-    if info is None:
-        if isinstance(model, DeepID):
-            return ModelInfo("deepid", model.num_classes, (3, 55, 47), "DeepID")
-        raise BdpruningError(f"{type(model).__name__} was not loaded by bdpruning.load_model")
-    return info
-
-
-def attach_info(model: nn.Module, info: ModelInfo) -> nn.Module:
-    """Record ``info`` on ``model`` (returns ``model``); ``copy.deepcopy`` keeps it, also for
-    torch.fx GraphModules (onnx2torch models), which otherwise drop unknown attributes."""
-    model.bdpruning_info = info
-    if isinstance(model, torch.fx.GraphModule):
-        model.meta.setdefault(_FX_PRESERVED, {})["bdpruning_info"] = info
-    return model
+    torch.onnx.export shares equal weights (the zero biases of untrained BatchNorms, say)
+    through ``Identity`` nodes; onnx2torch wants a convolution's weights as initializers.
+    """
+    initializers = {init.name: init for init in proto.graph.initializer}
+    identities = [n for n in proto.graph.node if n.op_type == "Identity" and n.input[0] in initializers]
+    if not identities:
+        return proto
+    proto = copy.deepcopy(proto)
+    initializers = {init.name: init for init in proto.graph.initializer}
+    for node in [n for n in proto.graph.node if n.op_type == "Identity" and n.input[0] in initializers]:
+        duplicate = copy.deepcopy(initializers[node.input[0]])
+        duplicate.name = node.output[0]
+        proto.graph.initializer.append(duplicate)
+        proto.graph.node.remove(node)
+    return proto
 
 
 def onnx_to_torch(proto: onnx.ModelProto, source: str | os.PathLike[str]) -> nn.Module:
     """Convert an ONNX graph with onnx2torch, naming the unsupported operators on failure."""
     from onnx2torch import convert
 
+    proto = _inline_identity_constants(proto)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -109,6 +97,8 @@ def save_model_dir(
     """
     directory = Path(directory)
     info = model_info(model)
+    if info.architecture == "adopted":
+        return _save_adopted(model, info, directory, extra)
     meta = {
         "format": FORMAT,
         "version": 1,
@@ -116,6 +106,7 @@ def save_model_dir(
         "num_classes": info.num_classes,
         "input_shape": list(info.input_shape),
         "source": info.source,
+        "outputs": info.outputs,
         "pruned": masked_channels(model),
         "removed": [{"layer": layer, "channels": channels} for layer, channels in info.removed],
         **(extra or {}),
@@ -129,6 +120,18 @@ def save_model_dir(
         (directory / "graph.onnx").write_bytes(info.onnx_bytes)
     (directory / MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n")
     return directory
+
+
+def _save_adopted(model: nn.Module, info: ModelInfo, directory: Path, extra: dict | None) -> Path:
+    """An adopted model is saved as its ONNX graph (pruned channels zeroed in the weights,
+    removed channels gone), so that it reloads without its Python class."""
+    export_onnx(baked_copy(model), directory / ONNX_FILE, info.input_shape)
+    onnx_bytes = (directory / ONNX_FILE).read_bytes()
+    graph_module = onnx_to_torch(onnx.load_from_string(onnx_bytes), directory / ONNX_FILE)
+    graph_info = ModelInfo("onnx", info.num_classes, info.input_shape, info.source, onnx_bytes,
+                           outputs=info.outputs)
+    pruned = {"pruned_in_adopted_model": masked_channels(model)}
+    return save_model_dir(attach_info(graph_module, graph_info), directory, {**pruned, **(extra or {})}, onnx_bytes)
 
 
 def load_model_dir(directory: str | os.PathLike[str]) -> nn.Module:
@@ -178,6 +181,10 @@ def load_model_dir(directory: str | os.PathLike[str]) -> nn.Module:
     for layer, channels in meta.get("pruned", {}).items():
         if channels:
             prune_channels(model, layer, channels)
-    info = ModelInfo(architecture, num_classes, input_shape, str(meta.get("source", directory)), onnx_bytes, removed)
+    outputs = meta.get("outputs", "probabilities")
+    if outputs not in OUTPUTS:
+        raise file_error(meta_path, f"invalid 'outputs' {outputs!r} (expected one of {', '.join(OUTPUTS)})")
+    info = ModelInfo(architecture, num_classes, input_shape, str(meta.get("source", directory)), onnx_bytes, removed,
+                     outputs)
     return attach_info(model.eval(), info)
 

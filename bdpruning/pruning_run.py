@@ -15,7 +15,8 @@ from .data import read_h5_dataset
 from .keras_h5 import write_keras_copy
 from .loading import load_model
 from .masks import prune_channels
-from .modelio import model_info, save_model_dir
+from .modelio import save_model_dir
+from .models import model_info
 from .results import threshold_dirname, write_sweep_results
 from .sweep import SweepResult, run_sweep
 

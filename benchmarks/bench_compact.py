@@ -25,7 +25,8 @@ from bdpruning.compaction import compact_model, model_cost
 from bdpruning.convert import parity
 from bdpruning.loading import load_model
 from bdpruning.masks import prune_channels, pruned_layers
-from bdpruning.modelio import export_onnx, model_info
+from bdpruning.modelio import export_onnx
+from bdpruning.models import model_info
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT.parent / "shared" / "models" / "lab3_pruned_2pct_full.h5"

@@ -27,7 +27,8 @@ from ..atomic import atomic_dir, prepare_out_dir
 from ..errors import BdpruningError
 from ..images import read_images
 from ..keras_h5 import KerasH5, deepid_from_keras, fits_deepid, image_input_shape, read_keras_h5
-from ..modelio import ONNX_OPSET, ModelInfo, attach_info, onnx_to_torch, save_model_dir
+from ..modelio import ONNX_OPSET, onnx_to_torch, save_model_dir
+from ..models import ModelInfo, attach_info
 from ..models import DeepID
 from . import parity
 

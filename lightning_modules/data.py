@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from bdpruning.datasource import DataLike, as_image_data, data_name
 from bdpruning.errors import BdpruningError
-from bdpruning.modelio import model_info
+from bdpruning.models import model_info
 
 __all__ = ["DataLike", "H5DataModule", "SET_NAMES", "ShardSampler"]
 

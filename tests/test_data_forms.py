@@ -174,7 +174,7 @@ def test_expected_classes_and_image_shape_are_checked(pixels, h5_path):
 
 
 def test_the_model_directory_checks_run_sweep_data(pixels):
-    from bdpruning.modelio import ModelInfo, attach_info
+    from bdpruning.models import ModelInfo, attach_info
 
     model = attach_info(IntNet(classes=4).eval(), ModelInfo("custom", 3, (3, 48, 40), "test"))
     with pytest.raises(BdpruningError, match="outside the model's 3 classes"):

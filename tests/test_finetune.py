@@ -14,9 +14,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from bdpruning import GoodNet, find_layer, load_model, save_model_dir
+from bdpruning import BdpruningError, GoodNet, adopt, find_layer, load_model, save_model_dir
 from bdpruning.finetuning import finetune_loss, log_probabilities, save_finetune_run
 from bdpruning.lightning_modules.finetune import finetune_model
 from bdpruning.masks import masked_channels, plain_state_dict, prune_channels, pruned_layers
@@ -107,9 +108,15 @@ def test_the_loss_is_cross_entropy_even_where_the_softmax_saturates():
     loss = finetune_loss(model, images, torch.tensor([0, 1, 2, 3]))
     loss.backward()
     assert loss > 100 and model.output.bias.grad[3] == pytest.approx(0.75)  # mean of p - onehot
-    # a model whose logits are out of reach: the log of its probabilities, clamped at 1e-12
+    # any other model says what it returns; bdpruning never guesses
     generic = nn.Sequential(nn.Flatten(), nn.Linear(3 * 55 * 47, 10), nn.Softmax(dim=1))
-    torch.testing.assert_close(log_probabilities(generic, images), torch.log(generic(images).clamp_min(1e-12)))
+    with pytest.raises(BdpruningError, match="bdpruning.adopt"):
+        log_probabilities(generic, images)
+    adopt(generic, outputs="probabilities", example=images)  # the logits under its softmax are used
+    torch.testing.assert_close(log_probabilities(generic, images), F.log_softmax(generic[1](generic[0](images)), 1))
+    logits_net = adopt(nn.Sequential(nn.Flatten(), nn.Linear(3 * 55 * 47, 10)), outputs="logits", example=images)
+    labels = torch.tensor([0, 1, 2, 3])
+    torch.testing.assert_close(finetune_loss(logits_net, images, labels), F.cross_entropy(logits_net(images), labels))
 
 
 def test_finetuning_learns_and_keeps_pruned_channels_at_zero(sets):

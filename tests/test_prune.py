@@ -14,7 +14,7 @@ from bdpruning import BdpruningError
 from bdpruning.activations import rank_channels
 from bdpruning.atomic import atomic_dir
 from bdpruning.cli import main
-from bdpruning.modelio import ModelInfo, attach_info
+from bdpruning.models import ModelInfo, attach_info
 from bdpruning.predict import predict_labels
 from bdpruning.roundoff import float64_reference
 from bdpruning.sweep import find_thresholds, naive_sweep_predictions, run_sweep, sweep_predictions

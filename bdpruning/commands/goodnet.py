@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from ..atomic import atomic_dir, prepare_out_dir
     from ..lightning_modules.goodnet import evaluate_goodnets
     from ..loading import load_model
-    from ..modelio import model_info
+    from ..models import model_info
     from ..plots import plot_goodnet
 
     out = prepare_out_dir(args.out, args.force)
