@@ -21,6 +21,10 @@ from .activations import rank_channels
 from .masks import plain_state_dict, prune_channels, pruned_channels
 from .modelio import save_model_dir
 from .models import DeepID, ModelInfo, adopt, model_info
+from .compaction import compact_model, model_cost
+from .precision import precision_context
+from .pruning_run import save_repaired
+from .sweep import SweepResult, run_sweep
 
 __all__ = [
     "BdpruningError",
@@ -28,19 +32,25 @@ __all__ = [
     "ModelInfo",
     "adopt",
     "GoodNet",
+    "SweepResult",
+    "compact_model",
     "H5ImageSet",
     "ImageData",
     "as_image_data",
     "find_layer",
     "layer_names",
     "load_model",
+    "model_cost",
     "model_info",
     "plain_state_dict",
+    "precision_context",
     "prune_channels",
     "pruned_channels",
     "rank_channels",
     "read_h5_dataset",
+    "run_sweep",
     "save_model_dir",
+    "save_repaired",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -35,9 +35,9 @@ class ModelCost:
 
 
 def example_input(model: nn.Module, batch: int = 1) -> torch.Tensor:
-    """A zero batch of the model's input shape, on its device."""
-    device = next(model.parameters()).device
-    return torch.zeros(batch, *model_info(model).input_shape, device=device)
+    """A zero batch of the model's input shape, on its device, in its parameters' dtype."""
+    parameter = next(model.parameters())
+    return torch.zeros(batch, *model_info(model).input_shape, device=parameter.device, dtype=parameter.dtype)
 
 
 def model_cost(model: nn.Module) -> ModelCost:

@@ -17,9 +17,10 @@ from torch.nn.utils import prune
 
 from .errors import BdpruningError
 from .layers import find_layer
+from .tracing import trace_model
 
 __all__ = ["prune_channels", "pruned_channels", "masked_channels", "pruned_layers", "plain_state_dict",
-           "refresh_masked_weights", "channel_count", "baked_copy"]
+           "refresh_masked_weights", "channel_count", "baked_copy", "following_batchnorm"]
 
 
 def channel_count(module: nn.Module) -> int:
@@ -30,10 +31,14 @@ def channel_count(module: nn.Module) -> int:
     return weight.shape[0]
 
 
-def prune_channels(model: nn.Module, layer: str, channels: Iterable[int]) -> nn.Module:
+def prune_channels(model: nn.Module, layer: str, channels: Iterable[int], *,
+                   batchnorm: bool | None = None) -> nn.Module:
     """Zero the output ``channels`` of ``layer`` (kernel and bias) with structured masks.
 
-    Masks accumulate: pruning more channels later keeps the earlier ones pruned. Returns ``model``.
+    Where a BatchNorm directly follows the layer, its shift would keep a pruned channel alive
+    downstream; ``batchnorm`` (default: whenever one follows) masks the BatchNorm's scale and
+    shift too, so the pruned channels are exactly zero after it. Masks accumulate: pruning more
+    channels later keeps the earlier ones pruned. Returns ``model``.
     """
     name, module = find_layer(model, layer)
     count = channel_count(module)
@@ -43,14 +48,43 @@ def prune_channels(model: nn.Module, layer: str, channels: Iterable[int]) -> nn.
         raise BdpruningError(f"layer {name!r} has {count} channels; cannot prune {bad}")
     keep = torch.ones(count, device=module.weight.device)
     keep[channels] = 0
+    _mask(module, keep)
+    norm = following_batchnorm(model, name)
+    if batchnorm is None or batchnorm:
+        if norm is not None:
+            _mask(model.get_submodule(norm), keep)
+        elif batchnorm:
+            raise BdpruningError(f"no BatchNorm directly follows {name!r}")
+    return model
+
+
+def _mask(module: nn.Module, keep: torch.Tensor) -> None:
+    """Multiply ``module``'s weight (along its first axis) and bias by ``keep``, as masks."""
     weight_mask = keep.view(-1, *([1] * (module.weight.dim() - 1))).expand_as(module.weight)
-    with torch.no_grad():  # the masked tensors start as leaves: the model can be copied and pickled
+    with torch.no_grad():  # masks accumulate; the masked tensors start as leaves (copyable)
         prune.custom_from_mask(module, "weight", weight_mask.clone())
         if getattr(module, "bias", None) is not None:
             prune.custom_from_mask(module, "bias", keep.clone())
     if _drop_mask_history not in module._forward_hooks.values():
         module.register_forward_hook(_drop_mask_history)
-    return model
+
+
+def following_batchnorm(model: nn.Module, layer: str) -> str | None:
+    """The BatchNorm module that is the only consumer of ``layer``'s output, if any."""
+    try:
+        gm = trace_model(model)
+    except BdpruningError:  # an untraceable model: no graph to look in
+        return None
+    name, _ = find_layer(model, layer)
+    nodes = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == name]
+    if len(nodes) != 1 or len(nodes[0].users) != 1:
+        return None
+    (user,) = nodes[0].users
+    if user.op == "call_module" and isinstance(gm.get_submodule(user.target), nn.modules.batchnorm._BatchNorm):
+        norm = gm.get_submodule(user.target)
+        if norm.affine and norm.num_features == channel_count(model.get_submodule(name)):
+            return str(user.target)
+    return None
 
 
 def _drop_mask_history(module: nn.Module, _inputs: tuple, _output: object) -> None:
@@ -83,7 +117,7 @@ def masked_channels(model: nn.Module) -> dict[str, list[int]]:
     masked = {}
     for name, module in model.named_modules():
         mask = getattr(module, "weight_mask", None)
-        if isinstance(mask, torch.Tensor):
+        if isinstance(mask, torch.Tensor) and mask.dim() >= 2:  # a BatchNorm's masks follow its conv
             masked[name] = (mask.flatten(1) == 0).all(dim=1).nonzero().flatten().tolist()
     return masked
 

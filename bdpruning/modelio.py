@@ -68,7 +68,10 @@ def onnx_to_torch(proto: onnx.ModelProto, source: str | os.PathLike[str]) -> nn.
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike[str], input_shape: tuple[int, ...]) -> None:
-    """Export ``model`` to ONNX (input ``input``, output ``output``, dynamic batch)."""
+    """Export ``model`` to ONNX (input ``input``, output ``output``, dynamic batch), in float32
+    (a model held in another precision, float64 say, is exported from a float32 copy)."""
+    if next(model.parameters()).dtype != torch.float32:
+        model = copy.deepcopy(model).float()
     was_training = model.training
     model.eval()
     example = torch.zeros(1, *input_shape, device=next(model.parameters()).device)

@@ -20,7 +20,7 @@ from .models import model_info
 from .results import threshold_dirname, write_sweep_results
 from .sweep import SweepResult, run_sweep
 
-__all__ = ["prune_model", "save_repaired_models"]
+__all__ = ["prune_model", "save_repaired", "save_repaired_models"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,22 @@ def save_repaired_models(model: nn.Module, result: SweepResult, directory: Path)
         keras_copies.append(write_keras_copy(repaired, target / "model.h5"))
     if not all(keras_copies):
         log.info("no Keras .h5 written for the repaired models: the source is not a DeepID .h5 file")
+
+
+def save_repaired(result: SweepResult, model: nn.Module, out_dir: str | os.PathLike[str], *,
+                  force: bool = False) -> dict[float, Path]:
+    """Save the repaired model B'_T of every threshold ``result`` reached, from the unpruned
+    ``model`` it was swept on, into ``out_dir/repaired_<T>pct`` (written atomically; each a model
+    directory that :func:`bdpruning.load_model` reloads). Returns ``{threshold: directory}``.
+
+    Raises :class:`~bdpruning.BdpruningError` when ``out_dir`` exists (unless ``force``) or the
+    model has no bdpruning record (see :func:`bdpruning.adopt`).
+    """
+    out = prepare_out_dir(out_dir, force)
+    model_info(model)  # refuse an unrecorded model before anything is written
+    with atomic_dir(out) as directory:
+        save_repaired_models(model, result, directory)
+    return {hit.threshold: out / threshold_dirname(hit.threshold) for hit in result.thresholds if hit.reached}
 
 
 def prune_model(

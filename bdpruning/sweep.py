@@ -23,7 +23,7 @@ from .datasource import DataLike, ImageData, as_image_data, model_expectations
 from .devices import model_input
 from .errors import BdpruningError
 from .layers import find_layer
-from .masks import channel_count, prune_channels
+from .masks import channel_count, following_batchnorm, prune_channels
 from .precision import precision_record, runs_in_precision_context
 from .predict import predict_labels
 from .split import SplitModel, check_fed_by, split_at, zero_preserving_path
@@ -110,10 +110,14 @@ def _chunk_predictions(suffix: nn.Module, values: tuple, order: Sequence[int]) -
 
 
 def _split_for(model: nn.Module, layer: str, rank_layer: str) -> SplitModel:
-    if zero_preserving_path(model, layer, rank_layer):
+    """Split where a pruned channel is last known to be exactly zero: at the rank layer when
+    the path there keeps it zero, else right after the layer (after its masked BatchNorm)."""
+    layer, rank_layer = find_layer(model, layer)[0], find_layer(model, rank_layer)[0]
+    masked_end = following_batchnorm(model, layer) or layer
+    if masked_end == rank_layer or zero_preserving_path(model, masked_end, rank_layer):
         return split_at(model, rank_layer)
-    log.info("pruning %s does not zero %s channels exactly; splitting at %s", layer, rank_layer, layer)
-    return split_at(model, layer)
+    log.info("pruning %s does not zero %s channels exactly; splitting at %s", layer, rank_layer, masked_end)
+    return split_at(model, masked_end)
 
 
 @runs_in_precision_context

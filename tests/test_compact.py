@@ -154,6 +154,21 @@ def test_other_cnns_compact_exactly(build, layer, members):
     assert pruned_channels(model, layer) == []
 
 
+def test_a_conv_pruned_with_its_batchnorm_compacts_exactly_behind_padding():
+    """Masking the BatchNorm with the conv (the default) silences the channel, so the padded
+    conv after it sees exact zeros and the removal is exact (compared in float64)."""
+    model = _randomize_batchnorm(torchvision.models.resnet18(num_classes=10)).double()
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    prune_channels(model, "layer1.0.conv1", [1, 5])
+    with torch.no_grad():
+        expected = model(x)
+    groups = remove_channels(model, [("layer1.0.conv1", [1, 5])], x)
+    assert [m.name for m in groups[0].members] == ["layer1.0.conv1", "layer1.0.bn1", "layer1.0.conv2"]
+    assert model.layer1[0].conv1.out_channels == model.layer1[0].bn1.num_features == 62
+    with torch.no_grad():
+        assert (model(x) - expected).abs().max() <= 1e-12
+
+
 @pytest.mark.parametrize("layer, problem", [
     ("layer1.0.conv2", "reach 'add'"),            # the residual add mixes in the other branch
     ("layer1.0.conv1", "padding"),                # BatchNorm constants meet a padded conv
@@ -167,7 +182,7 @@ def test_inexact_removals_are_refused_before_anything_changes(layer, problem):
         expected = model(x)
     with pytest.raises(BdpruningError, match=problem):
         group = channel_group(model, layer, x)  # refuses what the graph shows
-        prune_channels(model, layer, [1])
+        prune_channels(model, layer, [1], batchnorm=False)  # BatchNorm's shift kept alive
         with torch.no_grad():
             expected = model(x)
         group.remove([1])  # refuses what needs the weights, before changing anything
