@@ -34,6 +34,8 @@ __all__ = [
     "write_keras_copy",
     "fits_deepid",
     "image_input_shape",
+    "nhwc_rows_to_nchw",
+    "nchw_rows_to_nhwc",
 ]
 
 #: The layer classes of the DeepID architecture: a file made only of these is checked without
@@ -223,6 +225,16 @@ def fits_deepid(h5: KerasH5) -> bool:
     return not classes or all(classes.get(n) in ("Conv2D", "Dense") for n in _DEEPID_KERNELS)
 
 
+def nhwc_rows_to_nchw(kernel: np.ndarray, h: int, w: int, c: int) -> np.ndarray:
+    """A Dense kernel's rows from Keras' flatten order of (H, W, C) tensors to PyTorch's (C, H, W)."""
+    return kernel.reshape(h, w, c, -1).transpose(2, 0, 1, 3).reshape(h * w * c, -1)
+
+
+def nchw_rows_to_nhwc(kernel: np.ndarray, h: int, w: int, c: int) -> np.ndarray:
+    """The inverse of :func:`nhwc_rows_to_nchw`: rows back to Keras' (H, W, C) flatten order."""
+    return kernel.reshape(c, h, w, -1).transpose(1, 2, 0, 3).reshape(h * w * c, -1)
+
+
 def deepid_state_dict(h5: KerasH5) -> dict[str, torch.Tensor]:
     """DeepID's PyTorch state dict from Keras weights (kernels transposed, flatten order fixed)."""
     state = {}
@@ -232,7 +244,7 @@ def deepid_state_dict(h5: KerasH5) -> dict[str, torch.Tensor]:
             weight = kernel.transpose(3, 2, 0, 1)
         elif name in _FLATTENED:  # rows in NHWC flatten order -> columns in NCHW order
             h, w, c = _FLATTENED[name]
-            weight = kernel.reshape(h, w, c, -1).transpose(2, 0, 1, 3).reshape(h * w * c, -1).T
+            weight = nhwc_rows_to_nchw(kernel, h, w, c).T
         else:
             weight = kernel.T
         state[f"{name}.weight"] = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32))
@@ -283,7 +295,7 @@ def write_deepid_weights(model: DeepID, template: str | os.PathLike[str], out: s
                     kernel = weight.transpose(2, 3, 1, 0)
                 elif name in _FLATTENED:
                     h, w, c = _FLATTENED[name]
-                    kernel = weight.T.reshape(c, h, w, -1).transpose(1, 2, 0, 3).reshape(h * w * c, -1)
+                    kernel = nchw_rows_to_nhwc(weight.T, h, w, c)
                 else:
                     kernel = weight.T
                 layer = group[name]

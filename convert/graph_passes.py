@@ -17,6 +17,8 @@ import onnx
 from onnx import helper, numpy_helper
 from onnx2torch.node_converters import get_converter
 
+from ..keras_h5 import nhwc_rows_to_nchw
+
 __all__ = ["unconvertible_nodes", "simplify"]
 
 _TO_NHWC = [0, 2, 3, 1]
@@ -75,7 +77,7 @@ def _fold_flatten_transposes(proto: onnx.ModelProto) -> None:
             continue
         h, w, c = nhwc[1:]
         kernel = numpy_helper.to_array(weight)
-        kernel = kernel.reshape(h, w, c, -1).transpose(2, 0, 1, 3).reshape(h * w * c, -1)
+        kernel = nhwc_rows_to_nchw(kernel, h, w, c)
         weight.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(kernel), weight.name))
         flatten = helper.make_node("Flatten", [transpose.input[0]], [reshape.output[0]], name=reshape.name, axis=1)
         reshape.CopyFrom(flatten)

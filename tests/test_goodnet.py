@@ -111,3 +111,16 @@ def test_classify_bad_input_is_one_line_exit_2(nets, tmp_path, capsys):
     ten = _onnx_model(tmp_path / "ten.onnx", 10, (3, 55, 47))
     code, _, err = bdprune(capsys, "classify", CLEAN_IMAGE, "--bd", BD_WEIGHTS, "--repaired", ten)
     assert code == 2 and f"{BD_WEIGHTS} has classes 1283, {ten} has classes 10" in err
+
+
+def test_verbose_shows_bdpruning_debug_messages_not_every_library_s(nets, tmp_path):
+    """``-v`` used to flood stderr with onnx2torch's registry DEBUG lines (one per converter)."""
+    import subprocess
+    import sys
+
+    repaired = _onnx_model(tmp_path / "repaired.onnx", N, (3, 55, 47))
+    result = subprocess.run([sys.executable, "-m", "bdpruning.cli", "classify", "-v", str(CLEAN_IMAGE),
+                             "--bd", str(BD_WEIGHTS), "--repaired", str(repaired)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    debug = [line for line in result.stderr.splitlines() if line.startswith("DEBUG")]
+    assert all(line.startswith("DEBUG bdpruning") for line in debug), debug[:3]
