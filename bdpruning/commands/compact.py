@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .evaluate import add_tf32_argument
+from .options import add_tf32_argument
 
 __all__ = ["add_arguments", "run"]
 

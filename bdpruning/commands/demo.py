@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .evaluate import add_tf32_argument
+from .options import add_tf32_argument
 
 __all__ = ["add_arguments", "run"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from .evaluate import add_lightning_arguments, lightning_options
+from .options import add_lightning_arguments, lightning_options
 
 __all__ = ["add_arguments", "run"]
 

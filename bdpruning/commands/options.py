@@ -1,0 +1,40 @@
+"""Command-line options shared by several ``bdprune`` commands: devices and data loading for
+the Lightning commands, and ``--tf32`` for every command that reports numbers."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+
+__all__ = ["add_lightning_arguments", "add_tf32_argument", "lightning_options"]
+
+
+def add_lightning_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by the Lightning commands: devices, data loading."""
+    parser.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu", "cuda"],
+                        help="where to run (default: auto, a GPU when there is one)")
+    parser.add_argument("--devices", type=int, default=1, help="processes/GPUs (default: 1)")
+    parser.add_argument("--strategy", default="auto", choices=["auto", "ddp", "ddp_spawn"],
+                        help="with --devices > 1: ddp (re-runs the command per process) or ddp_spawn")
+    parser.add_argument("--batch-size", type=int, default=512,
+                        help="images per batch and process (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    add_tf32_argument(parser)
+
+
+def add_tf32_argument(parser: argparse.ArgumentParser) -> None:
+    """``--tf32``: the commands that report numbers compute them in IEEE fp32 unless it is given."""
+    parser.add_argument("--tf32", action="store_true", help="allow TF32 on CUDA: faster, numbers may differ "
+                                                            "from the reference by fractions of a point")
+
+
+def lightning_options(args: argparse.Namespace) -> dict:
+    """Keyword arguments for the evaluation functions; Lightning's banners are hidden unless -v."""
+    if not args.verbose:
+        for name in ("pytorch_lightning", "lightning_fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", module="pytorch_lightning")
+    return dict(accelerator=args.accelerator, devices=args.devices, strategy=args.strategy,
+                batch_size=args.batch_size, num_workers=args.workers, progress=sys.stdout.isatty(), tf32=args.tf32)
