@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench docs clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,11 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_compact.py
 	$(PY) benchmarks/bench_convert.py
 	$(PY) benchmarks/bench_sweep.py --images 2048
+
+# The API reference, generated from the docstrings (pdoc), in docs/api/index.html.
+docs: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[docs]'
+	PDOC_ALLOW_EXEC=1 $(PY) -m pdoc bdpruning -o docs/api
 
 clean:
 	rm -rf runs build *.egg-info .pytest_cache
