@@ -14,7 +14,7 @@ from .errors import BdpruningError
 from .layers import find_layer
 from .precision import runs_in_precision_context
 
-__all__ = ["ChannelRanking", "rank_channels", "ranking_from_sums"]
+__all__ = ["ActivationMeans", "ChannelRanking", "rank_channels", "ranking_from_sums"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,29 @@ def ranking_from_sums(layer: str, sums: torch.Tensor, elements_per_channel: int,
     means = (sums.double().cpu() / elements_per_channel).tolist()
     order = sorted(range(len(means)), key=lambda c: (means[c], c))
     return ChannelRanking(layer, means, order, samples)
+
+
+class ActivationMeans:
+    """The one place a layer's per-channel mean activation is accumulated: :func:`rank_channels`
+    feeds it from a forward hook, the sweep from its cached prefix outputs."""
+
+    def __init__(self) -> None:
+        self.sums: torch.Tensor | None = None
+        self.elements = 0
+        self.samples = 0
+
+    def add(self, output: torch.Tensor) -> None:
+        """Add a batch of the layer's output (N, C, ...)."""
+        sums = channel_sums(output)
+        self.sums = sums if self.sums is None else self.sums + sums
+        self.elements += output.numel() // output.shape[1]
+        self.samples += output.shape[0]
+
+    def ranking(self, layer: str) -> ChannelRanking:
+        """The channels of ``layer`` by their mean so far, ascending (ties by index)."""
+        if self.sums is None:
+            raise BdpruningError("no data to rank channels on (empty data set)")
+        return ranking_from_sums(layer, self.sums, self.elements, self.samples)
 
 
 class _StopForward(Exception):
@@ -63,13 +86,10 @@ def rank_channels(
     In IEEE fp32 unless ``tf32`` (see :func:`~bdpruning.precision.precision_context`).
     """
     name, module = find_layer(model, layer)
-    state: dict[str, object] = {"sums": None, "elements": 0, "samples": 0}
+    means = ActivationMeans()
 
     def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
-        sums = channel_sums(output)
-        state["sums"] = sums if state["sums"] is None else state["sums"] + sums
-        state["elements"] += output.numel() // output.shape[1]
-        state["samples"] += output.shape[0]
+        means.add(output)
         raise _StopForward
 
     data = as_image_data(data)
@@ -84,6 +104,4 @@ def rank_channels(
                 pass
     finally:
         handle.remove()
-    if state["sums"] is None:
-        raise BdpruningError("no data to rank channels on (empty data set)")
-    return ranking_from_sums(name, state["sums"], state["elements"], state["samples"])
+    return means.ranking(name)

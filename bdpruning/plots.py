@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["plot_sweep", "plot_activations", "plot_goodnet", "plot_finetune"]
+__all__ = ["plot_sweep", "plot_activations", "plot_goodnet", "plot_finetune", "plot_scores", "plot_tradeoff"]
 
 
 def _save(fig: "plt.Figure", path: str | os.PathLike[str]) -> None:
@@ -37,10 +37,12 @@ def plot_sweep(
     thresholds: Sequence[tuple[float, float | None]],
     path: str | os.PathLike[str],
     layer: str = "conv_3",
+    marks: Sequence[tuple[str, float]] = (),
 ) -> None:
     """Clean accuracy and ASR (percent) vs fraction of channels pruned; thresholds marked.
 
-    ``thresholds`` holds ``(T, fraction where B'_T was taken or None)``.
+    ``thresholds`` holds ``(T, fraction where B'_T was taken or None)``; ``marks`` more labelled
+    fractions (a criterion's own choice).
     """
     fig, ax = plt.subplots(figsize=(7, 4.5))
     _plot_rates(ax, [100 * f for f in fractions], clean_accuracy, attack_success_rate, marker=".")
@@ -52,6 +54,10 @@ def plot_sweep(
         ax.axvline(100 * fraction, color="grey", linestyle="--", linewidth=0.8)
         label = "/".join(f"-{t:g}" for t in reached) + " pts"
         ax.annotate(label, (100 * fraction, 2), rotation=90, fontsize=8, color="grey",
+                    xytext=(3, 0), textcoords="offset points")
+    for label, fraction in marks:
+        ax.axvline(100 * fraction, color="tab:green", linestyle=":", linewidth=1.2)
+        ax.annotate(label, (100 * fraction, 60), rotation=90, fontsize=8, color="tab:green",
                     xytext=(3, 0), textcoords="offset points")
     ax.set_xlabel(f"channels of {layer} pruned (%)")
     ax.set_title("Pruning sweep")
@@ -112,4 +118,39 @@ def plot_finetune(history: Sequence[dict], path: str | os.PathLike[str]) -> None
     ax.set_xlabel("epoch of fine-tuning (0 = repaired model before)")
     ax.set_title("Fine-pruning: the repaired model fine-tuned on clean data")
     ax.legend(loc="center right")
+    _save(fig, path)
+
+
+def plot_scores(order: Sequence[tuple[str, int]], scores: dict[str, Sequence[float]], path: str | os.PathLike[str],
+                title: str, selected: int) -> None:
+    """A criterion's score per channel in pruning order (first pruned on the left), one colour
+    per layer; the channels the criterion chose are left of the dashed line."""
+    fig, ax = plt.subplots(figsize=(max(6, min(len(order) * 0.06, 24)), 4))
+    layers = list(scores)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, layer in enumerate(layers):
+        xs = [i for i, (name, _) in enumerate(order) if name == layer]
+        ax.bar(xs, [scores[layer][order[i][1]] for i in xs], width=1.0, color=colours[index % len(colours)],
+               label=layer)
+    if selected:
+        ax.axvline(selected - 0.5, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("channel, in pruning order")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_tradeoff(rows: Sequence[dict], path: str | os.PathLike[str]) -> None:
+    """Clean accuracy against ASR (percent), one point per method (``rows``: ``method``,
+    ``clean_accuracy``, ``attack_success_rate``); up and to the left is better."""
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for row in rows:
+        ax.scatter(row["attack_success_rate"], row["clean_accuracy"], s=40)
+        ax.annotate(row["method"], (row["attack_success_rate"], row["clean_accuracy"]), fontsize=8,
+                    xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("attack success rate (%)")
+    ax.set_ylabel("clean accuracy (%)")
+    ax.set_xlim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.set_title("Defenses: clean accuracy vs attack success rate")
     _save(fig, path)

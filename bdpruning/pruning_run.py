@@ -11,7 +11,7 @@ from typing import Sequence
 from torch import nn
 
 from .atomic import atomic_dir, prepare_out_dir
-from .data import read_h5_dataset
+from .data import H5ImageSet, read_h5_dataset
 from .keras_h5 import write_keras_copy
 from .loading import load_model
 from .masks import prune_channels
@@ -20,26 +20,34 @@ from .models import model_info
 from .results import threshold_dirname, write_sweep_results
 from .sweep import SweepResult, run_sweep
 
-__all__ = ["prune_model", "save_repaired", "save_repaired_models"]
+__all__ = ["load_inputs", "prune_model", "save_pruned_copy", "save_repaired", "save_repaired_models"]
 
 log = logging.getLogger(__name__)
 
 
+def save_pruned_copy(model: nn.Module, pruned: dict[str, list[int]], target: Path, extra: dict) -> bool:
+    """Save a copy of ``model`` with ``pruned`` (``{layer: channels}``) pruned into the new
+    directory ``target``: a model directory, plus ``model.h5`` when the model came from a DeepID
+    Keras file (its layout, pruned channels zeroed). Returns whether ``model.h5`` was written."""
+    repaired = copy.deepcopy(model)
+    for layer, channels in pruned.items():
+        prune_channels(repaired, layer, channels)
+    target.mkdir()
+    save_model_dir(repaired, target, extra=extra)
+    return write_keras_copy(repaired, target / "model.h5")
+
+
 def save_repaired_models(model: nn.Module, result: SweepResult, directory: Path) -> None:
-    """Save B'_T for every reached threshold: a model directory, plus ``model.h5`` when the
-    model came from a DeepID Keras file (its layout, with the pruned channels zeroed)."""
+    """Save B'_T for every reached threshold (see :func:`save_pruned_copy`)."""
     keras_copies = []
     for hit in result.thresholds:
         if not hit.reached:
             continue
-        repaired = prune_channels(copy.deepcopy(model), result.layer, result.ranking.order[: hit.step])
-        target = directory / threshold_dirname(hit.threshold)
-        target.mkdir()
-        save_model_dir(repaired, target, extra={
-            "threshold": hit.threshold, "step": hit.step,
-            "clean_accuracy": hit.clean_accuracy, "attack_success_rate": hit.attack_success_rate,
-        })
-        keras_copies.append(write_keras_copy(repaired, target / "model.h5"))
+        keras_copies.append(save_pruned_copy(
+            model, {result.layer: result.ranking.order[: hit.step]}, directory / threshold_dirname(hit.threshold),
+            {"threshold": hit.threshold, "step": hit.step,
+             "clean_accuracy": hit.clean_accuracy, "attack_success_rate": hit.attack_success_rate},
+        ))
     if not all(keras_copies):
         log.info("no Keras .h5 written for the repaired models: the source is not a DeepID .h5 file")
 
@@ -58,6 +66,16 @@ def save_repaired(result: SweepResult, model: nn.Module, out_dir: str | os.PathL
     with atomic_dir(out) as directory:
         save_repaired_models(model, result, directory)
     return {hit.threshold: out / threshold_dirname(hit.threshold) for hit in result.thresholds if hit.reached}
+
+
+def load_inputs(model_path: str | os.PathLike[str], clean_valid: str | os.PathLike[str],
+                poisoned_valid: str | os.PathLike[str] | None, device: str) -> tuple[nn.Module, H5ImageSet, H5ImageSet | None]:
+    """The model and the validation sets, checked against its classes and input shape."""
+    model = load_model(model_path, device=device)
+    info = model_info(model)
+    clean = read_h5_dataset(clean_valid, info.num_classes, info.input_shape)
+    poisoned = read_h5_dataset(poisoned_valid, info.num_classes, info.input_shape) if poisoned_valid else None
+    return model, clean, poisoned
 
 
 def prune_model(
@@ -83,10 +101,7 @@ def prune_model(
     from . import plots
 
     out = prepare_out_dir(out, force)
-    model = load_model(model_path, device=device)
-    info = model_info(model)
-    clean = read_h5_dataset(clean_valid, info.num_classes, info.input_shape)
-    poisoned = read_h5_dataset(poisoned_valid, info.num_classes, info.input_shape) if poisoned_valid else None
+    model, clean, poisoned = load_inputs(model_path, clean_valid, poisoned_valid, device)
     result = run_sweep(model, clean, poisoned, layer=layer, rank_layer=rank_layer, thresholds=thresholds,
                        full_sweep=full_sweep, batch_size=batch_size, progress=progress, tf32=tf32)
     with atomic_dir(out) as directory:

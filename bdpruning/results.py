@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .sweep import SweepResult, ThresholdHit
 
-__all__ = ["threshold_dirname", "write_sweep_results", "summary_dict"]
+__all__ = ["threshold_dirname", "write_sweep_results", "summary_dict", "write_rows_csv"]
 
 _COLUMNS = ["step", "channel", "fraction_pruned", "clean_accuracy", "attack_success_rate", "accuracy_drop"]
 
@@ -53,14 +53,19 @@ def summary_dict(result: SweepResult, extra: dict | None = None) -> dict:
     }
 
 
+def write_rows_csv(rows: list[dict], path: str | os.PathLike[str], columns: list[str]) -> None:
+    """Write ``rows`` as CSV with ``columns`` (None written as an empty cell)."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+
+
 def write_sweep_results(result: SweepResult, directory: str | os.PathLike[str], extra: dict | None = None) -> dict:
     """Write ``sweep.csv``, ``sweep.json`` and ``summary.json`` into ``directory``; return the summary."""
     directory = Path(directory)
     rows = [asdict(step) for step in result.steps]
-    with open(directory / "sweep.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=_COLUMNS)
-        writer.writeheader()
-        writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+    write_rows_csv(rows, directory / "sweep.csv", _COLUMNS)
     ranking = [
         {"rank": i, "channel": c, "mean_activation": result.ranking.mean_activation[c]}
         for i, c in enumerate(result.ranking.order)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .activations import ChannelRanking, channel_sums, rank_channels, ranking_from_sums
+from .activations import ActivationMeans, ChannelRanking, rank_channels
 from .datasource import DataLike, ImageData, as_image_data, model_expectations
 from .devices import model_input
 from .errors import BdpruningError
@@ -164,19 +164,16 @@ def _correct_counts(split: SplitModel, dataset: ImageData, order: Sequence[int],
 def _rank_and_cache(split: SplitModel, rank_layer: str, clean: ImageData, batch_size: int,
                     device: torch.device, cache_bytes: int, progress: bool) -> tuple[ChannelRanking, list | None]:
     """Rank from the prefix outputs (the rank layer's values) and keep them while they fit."""
-    sums, elements, cached, used = None, 0, [], 0
+    means, cached, used = ActivationMeans(), [], 0
     for values, labels in _prefix_chunks(split, clean, batch_size, device, f"rank {rank_layer}", progress):
-        value = values[0]
-        chunk_sums = channel_sums(value)
-        sums = chunk_sums if sums is None else sums + chunk_sums
-        elements += value.numel() // value.shape[1]
+        means.add(values[0])
         if cached is not None:
             used += sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
             if used <= cache_bytes:
                 cached.append((values, labels))
             else:  # too large to keep: the sweep recomputes the prefix, chunk by chunk
                 cached = None
-    return ranking_from_sums(split.node_name, sums, elements, len(clean)), cached
+    return means.ranking(split.node_name), cached
 
 
 def _percent(correct: int, total: int) -> float:

@@ -1,4 +1,10 @@
-"""``bdprune prune``: the pruning defense, from a model and clean validation data to B'."""
+"""``bdprune prune``: the pruning defense, from a model and clean validation data to B'.
+
+``--criterion`` picks what chooses the channels: ``activation`` (the lab's, the default: mean
+activation of one layer), ``clp`` (data-free Lipschitz bounds), ``anp`` (masks learned under
+adversarial perturbations) or ``rnp`` (unlearn, then recover masks); the last three cover every
+conv layer (or ``--layers``). Pruning, the sweep, thresholds and saving B' are shared.
+"""
 
 from __future__ import annotations
 
@@ -24,8 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clean-valid", required=True, help="clean validation set (HDF5 data/label)")
     parser.add_argument("--poisoned-valid", help="poisoned validation set; its labels hold the attacker's target")
     parser.add_argument("--out", required=True, help="output directory (must not exist unless --force)")
-    parser.add_argument("--thresholds", type=_threshold, nargs="+", default=[2.0, 4.0, 10.0],
-                        help="accuracy drops (points) at which to save a repaired model (default: 2 4 10)")
+    parser.add_argument("--thresholds", type=_threshold, nargs="+",
+                        help="accuracy drops (points) at which to save a repaired model (default: 2 4 10 for "
+                             "--criterion activation; none for the others, which save their own choice)")
     parser.add_argument("--layer", default="conv_3", help="conv layer whose channels are pruned")
     parser.add_argument("--rank-layer", default="pool_3", help="layer whose mean activations rank the channels")
     parser.add_argument("--full-sweep", action="store_true", help="prune every channel, not only up to the last threshold")
@@ -35,6 +42,59 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_tf32_argument(parser)
+    add_criterion_arguments(parser)
+
+
+def add_criterion_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--criterion`` and the settings of CLP, ANP and RNP (defaults: the authors')."""
+    group = parser.add_argument_group("criteria (clp, anp, rnp: every conv layer unless --layers)")
+    group.add_argument("--criterion", choices=["activation", "clp", "anp", "rnp"], default="activation",
+                       help="what chooses the channels to prune (default: activation, the lab's)")
+    group.add_argument("--layers", nargs="+", help="conv layers clp/anp/rnp cover (default: every conv layer)")
+    group.add_argument("--u", type=float, default=3.0,
+                       help="clp: prune channels whose bound exceeds the layer's mean + u std (default: 3)")
+    group.add_argument("--mask-threshold", type=float, default=0.2,
+                       help="anp/rnp: prune channels whose mask falls below this (default: 0.2)")
+    group.add_argument("--prune-count", type=int, help="anp/rnp: prune the N lowest masks instead")
+    group.add_argument("--images", type=int, default=500,
+                       help="anp/rnp: clean images to learn on, drawn with --seed (default: 500)")
+    group.add_argument("--iterations", type=int, default=2000, help="anp: mask updates (default: 2000)")
+    group.add_argument("--eps", type=float, default=0.4, help="anp: perturbation bound (default: 0.4)")
+    group.add_argument("--alpha", type=float, default=0.2, help="anp: weight of the clean loss (default: 0.2)")
+    group.add_argument("--unlearn-epochs", type=int, default=20, help="rnp: most unlearning epochs (default: 20)")
+    group.add_argument("--recover-epochs", type=int, default=20, help="rnp: mask-learning epochs (default: 20)")
+    group.add_argument("--stop-accuracy", type=float, default=0.2,
+                       help="rnp: unlearn until clean accuracy falls to this fraction (default: 0.2)")
+    group.add_argument("--train-batch-size", type=int, default=128, help="anp/rnp: training batch (default: 128)")
+    group.add_argument("--accelerator", default="cpu", choices=["auto", "cpu", "gpu", "cuda"],
+                       help="anp/rnp: where Lightning trains (default: cpu)")
+    group.add_argument("--devices", type=int, default=1, help="anp/rnp: processes/GPUs (default: 1)")
+    group.add_argument("--strategy", default="auto", choices=["auto", "ddp", "ddp_spawn"],
+                       help="anp/rnp with --devices > 1: ddp or ddp_spawn")
+
+
+def make_criterion(args: argparse.Namespace):
+    """The criterion object that ``args`` describe (not for ``activation``)."""
+    import logging
+    import sys
+    import warnings
+
+    from ..criteria import ANP, CLP, RNP
+
+    if args.criterion == "clp":
+        return CLP(u=args.u, layers=args.layers)
+    if not args.verbose:  # Lightning's banners and warnings only with -v
+        for name in ("pytorch_lightning", "lightning_fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", module="pytorch_lightning")
+    options = dict(accelerator=args.accelerator, devices=args.devices, strategy=args.strategy,
+                   progress=sys.stdout.isatty() and not args.no_progress)
+    shared = dict(images=args.images, threshold=args.mask_threshold, count=args.prune_count,
+                  batch_size=args.train_batch_size, seed=args.seed, layers=args.layers, trainer_options=options)
+    if args.criterion == "anp":
+        return ANP(eps=args.eps, alpha=args.alpha, iterations=args.iterations, **shared)
+    return RNP(stop_accuracy=args.stop_accuracy, unlearn_epochs=args.unlearn_epochs,
+               recover_epochs=args.recover_epochs, **shared)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,6 +103,9 @@ def run(args: argparse.Namespace) -> int:
     from ..pruning_run import prune_model
 
     torch.manual_seed(args.seed)
+    if args.criterion != "activation":
+        return _run_criterion(args)
+    args.thresholds = args.thresholds or [2.0, 4.0, 10.0]
     summary = prune_model(
         args.model, args.clean_valid, args.out, poisoned_valid=args.poisoned_valid,
         thresholds=args.thresholds, layer=args.layer, rank_layer=args.rank_layer,
@@ -50,14 +113,45 @@ def run(args: argparse.Namespace) -> int:
         force=args.force, progress=not args.no_progress, tf32=args.tf32,
     )
     base = summary["baseline"]
-    asr = lambda v: "-" if v is None else f"{v:6.2f}"  # noqa: E731
-    print(f"baseline: clean accuracy {base['clean_accuracy']:.2f} %, ASR {asr(base['attack_success_rate'])} %")
+    print(f"baseline: clean accuracy {base['clean_accuracy']:.2f} %, ASR {_asr(base['attack_success_rate'])} %")
     print(f"{'threshold':>9}  {'channels':>8}  {'clean acc':>9}  {'ASR':>6}  model")
-    for entry in summary["thresholds"]:
+    _print_thresholds(summary["thresholds"])
+    print(f"results in {args.out}")
+    return 0
+
+
+def _asr(value: float | None) -> str:
+    return "-" if value is None else f"{value:6.2f}"
+
+
+def _print_thresholds(entries: list[dict]) -> None:
+    for entry in entries:
         if entry["reached"]:
             print(f"{entry['threshold']:>8g}%  {entry['channels_pruned']:>8}  {entry['clean_accuracy']:>9.2f}"
-                  f"  {asr(entry['attack_success_rate'])}  {entry['model_dir']}")
+                  f"  {_asr(entry['attack_success_rate'])}  {entry['model_dir']}")
         else:
             print(f"{entry['threshold']:>8g}%  {'never reached':>30}")
+
+
+def _run_criterion(args: argparse.Namespace) -> int:
+    from ..defense_run import defend_model
+
+    criterion = make_criterion(args)
+    summary = defend_model(
+        args.model, args.clean_valid, args.out, criterion, poisoned_valid=args.poisoned_valid,
+        thresholds=args.thresholds or (), full_sweep=args.full_sweep, device=args.device,
+        batch_size=args.batch_size, force=args.force, progress=not args.no_progress, tf32=args.tf32,
+    )
+    if summary is None:  # an extra ddp process: the first one writes and reports
+        return 0
+    base, chosen = summary["baseline"], summary["chosen"]
+    print(f"{summary['criterion']}: {summary['channels']} channels of {', '.join(summary['layers'])} scored "
+          f"in {summary['seconds']:.1f} s")
+    print(f"baseline: clean accuracy {base['clean_accuracy']:.2f} %, ASR {_asr(base['attack_success_rate'])} %")
+    pruned = ", ".join(f"{layer} {len(c)}" for layer, c in chosen["pruned_channels"].items()) or "none"
+    print(f"its choice: {chosen['channels_pruned']} channels ({pruned}): clean accuracy "
+          f"{chosen['clean_accuracy']:.2f} %, ASR {_asr(chosen['attack_success_rate'])} %"
+          + (f"  -> {chosen['model_dir']}" if chosen["model_dir"] else ""))
+    _print_thresholds(summary["thresholds"])
     print(f"results in {args.out}")
     return 0

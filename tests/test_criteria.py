@@ -1,0 +1,203 @@
+"""Pruning criteria (CLP, ANP, RNP) on a BadNet whose backdoor channel is planted by
+construction, CLP's bounds against numpy, the learned masks, and the shared masked sweep."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import bdpruning
+from bdpruning import BdpruningError
+from bdpruning.criteria import ANP, CLP, RNP
+from bdpruning.criteria.clp import clp_bounds
+from bdpruning.defense import run_defense
+from bdpruning.masked_sweep import masked_sweep_predictions
+from bdpruning.predict import predict_labels
+from conftest import bdprune, write_h5_set
+from planted import BACKDOOR, planted_data, planted_net
+
+CPU = {"accelerator": "cpu"}
+
+
+@pytest.fixture(autouse=True)
+def quiet_lightning():
+    for name in ("pytorch_lightning", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _criteria() -> dict:
+    return {
+        "clp": CLP(),
+        "anp": ANP(iterations=20, images=128, batch_size=64, trainer_options=CPU),
+        "rnp": RNP(images=128, batch_size=64, unlearn_epochs=3, recover_epochs=3, trainer_options=CPU),
+    }
+
+
+@pytest.mark.parametrize("name", ["clp", "anp", "rnp"])
+def test_each_criterion_prunes_the_planted_backdoor_channel(name):
+    clean, poisoned = planted_data(256, seed=0), planted_data(128, seed=1, poisoned=True)
+    model = planted_net()
+    before = copy.deepcopy(model.state_dict())
+    result = run_defense(model, _criteria()[name], clean, poisoned)
+    assert BACKDOOR in result.scores.selection().get("features", [])
+    assert result.steps[0].attack_success_rate == 100 and result.chosen.attack_success_rate == 0
+    assert result.chosen.clean_accuracy >= 90
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the model is unchanged
+    record = result.scores.record()
+    assert record["settings"] and record["seconds"] >= 0 and record["criterion"] == name
+
+
+class BNNet(nn.Module):
+    """Two convs, the first followed by a BatchNorm with non-trivial statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_a = nn.Conv2d(3, 6, 3)
+        self.bn_a = nn.BatchNorm2d(6)
+        self.conv_b = nn.Conv2d(6, 5, 2)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn_a(self.conv_a(x / 255)))
+        x = torch.relu(self.conv_b(x)).mean(dim=(2, 3))
+        return self.head(x)
+
+
+def _bn_net() -> nn.Module:
+    torch.manual_seed(0)
+    model = BNNet().eval()
+    with torch.no_grad():
+        model.bn_a.running_mean.uniform_(-0.5, 0.5)
+        model.bn_a.running_var.uniform_(0.5, 2)
+        model.bn_a.weight.uniform_(-2, 2)
+    return model
+
+
+def test_clp_bounds_equal_an_independent_numpy_svd():
+    model = _bn_net()
+    bounds = clp_bounds(model)
+    assert list(bounds) == ["conv_a", "conv_b"]
+    for name, bn in (("conv_a", model.bn_a), ("conv_b", None)):
+        weight = getattr(model, name).weight.detach().numpy().astype(np.float64)
+        expected = np.array([np.linalg.svd(k.reshape(k.shape[0], -1), compute_uv=False)[0] for k in weight])
+        if bn is not None:
+            sigma = np.sqrt(bn.running_var.numpy().astype(np.float64) + bn.eps)
+            expected *= np.abs(bn.weight.detach().numpy().astype(np.float64) / sigma)
+        np.testing.assert_allclose(bounds[name].numpy(), expected, rtol=1e-9)
+
+
+def test_clp_prunes_per_layer_above_mean_plus_u_std():
+    scores = CLP(u=1.0).score(_bn_net())
+    for layer, bound in clp_bounds(_bn_net()).items():
+        limit = bound.mean() + 1.0 * bound.std()
+        assert scores.selection().get(layer, []) == [c for c in range(len(bound)) if bound[c] > limit]
+    assert scores.points[1.0] == scores.selected and scores.settings["u"] == 1.0
+
+
+@pytest.mark.parametrize("name", ["anp", "rnp"])
+def test_learned_masks_lie_in_the_unit_interval_and_a_seed_repeats_them(name):
+    clean = planted_data(128, seed=0)
+    first = _criteria()[name].score(planted_net(), clean)
+    second = _criteria()[name].score(planted_net(), clean)
+    assert first.scores == second.scores  # bit for bit on CPU
+    values = [v for layer in first.scores.values() for v in layer]
+    assert all(0 <= v <= 1 for v in values)
+    model = planted_net()
+    for layer, channels in first.selection().items():
+        bdpruning.prune_channels(model, layer, channels)
+        assert bdpruning.pruned_channels(model, layer) == channels  # exactly zero kernel and bias
+
+
+def test_masked_sweep_equals_pruned_models_at_every_step():
+    """In float64, on a net with a BatchNorm after a pruned conv: the masked sweep's labels are
+    those of the pruned model's plain forward, at every step and at chosen steps."""
+    model = _bn_net().double()
+    with torch.no_grad():  # outputs that vary from image to image
+        model.head.weight.mul_(20)
+        model.conv_b.weight.mul_(3)
+    generator = torch.Generator().manual_seed(3)
+    images = torch.rand(40, 3, 1, 1, generator=generator) * 200 + torch.rand(40, 3, 8, 8, generator=generator) * 55
+    labels = torch.zeros(40, dtype=torch.int64)
+    order = [("conv_a", 2), ("conv_b", 1), ("conv_a", 0), ("conv_a", 5), ("conv_b", 4), ("conv_b", 0)]
+    naive = []
+    for k in range(len(order) + 1):
+        pruned = copy.deepcopy(model)
+        for layer, channel in order[:k]:
+            bdpruning.prune_channels(pruned, layer, [channel])
+        naive.append(predict_labels(pruned, (images, labels)))
+    naive = torch.stack(naive)
+    assert torch.equal(masked_sweep_predictions(model, (images, labels), order, batch_size=16), naive)
+    assert torch.equal(masked_sweep_predictions(model, (images, labels), order, [1, 4, 6]), naive[[1, 4, 6]])
+    assert (naive[-1] != naive[0]).any()
+
+
+@pytest.fixture
+def deepid_files(tmp_path):
+    torch.manual_seed(0)
+    model = bdpruning.DeepID(5).eval()
+    directory = tmp_path / "model"
+    directory.mkdir()
+    bdpruning.save_model_dir(model, directory)
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, (24, 3, 55, 47)).astype(np.uint8)
+    clean = write_h5_set(tmp_path / "clean.h5", data, rng.integers(0, 5, 24))
+    poisoned = write_h5_set(tmp_path / "poisoned.h5", data, np.zeros(24, dtype=np.int64))
+    return directory, clean, poisoned
+
+
+def test_cli_runs_a_criterion_and_saves_its_repaired_model(deepid_files, tmp_path, capsys):
+    model, clean, poisoned = deepid_files
+    out = tmp_path / "clp"
+    code, stdout, _ = bdprune(capsys, "prune", "--criterion", "clp", "--u", "1", "--model", model,
+                              "--clean-valid", clean, "--poisoned-valid", poisoned, "--out", out, "--no-progress")
+    assert code == 0 and "its choice" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    record = json.loads((out / "criterion.json").read_text())
+    assert summary["criterion"] == record["criterion"] == "clp" and summary["layers"] == [
+        "conv_1", "conv_2", "conv_3", "conv_4"]
+    chosen = summary["chosen"]
+    assert chosen["channels_pruned"] == record["selected"] > 0 and chosen["model_dir"] == "repaired"
+    repaired = bdpruning.load_model(out / "repaired", device="cpu")
+    for layer, channels in chosen["pruned_channels"].items():
+        assert bdpruning.pruned_channels(repaired, layer) == channels
+    assert [p["u"] for p in summary["points"]][:2] == [0.0, 0.5] and "clean_accuracy" in summary["points"][0]
+    for name in ("sweep.csv", "sweep.json", "accuracy_asr.png", "scores.png"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_cli_trains_anp_through_lightning_and_refuses_bad_settings(deepid_files, tmp_path, capsys):
+    model, clean, poisoned = deepid_files
+    out = tmp_path / "anp"
+    code, stdout, _ = bdprune(capsys, "prune", "--criterion", "anp", "--iterations", "2", "--images", "16",
+                              "--train-batch-size", "8", "--prune-count", "3", "--model", model, "--clean-valid",
+                              clean, "--poisoned-valid", poisoned, "--out", out, "--no-progress")
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["chosen"]["channels_pruned"] == 3 and summary["settings"]["iterations_run"] == 2
+    assert bdpruning.load_model(out / "repaired", device="cpu") is not None
+    code, _, err = bdprune(capsys, "prune", "--criterion", "rnp", "--mask-threshold", "2", "--model", model,
+                           "--clean-valid", clean, "--out", tmp_path / "bad", "--no-progress")
+    assert code == 2 and "mask threshold must lie in (0, 1]" in err and not (tmp_path / "bad").exists()
+
+
+def test_thresholds_sweep_every_step_along_the_criterion_order():
+    clean, poisoned = planted_data(256, seed=0), planted_data(128, seed=1, poisoned=True)
+    result = run_defense(planted_net(), CLP(), clean, poisoned, thresholds=(30, 99))
+    steps = [s.step for s in result.steps]
+    hit, never = result.thresholds
+    assert hit.reached and not never.reached and steps == list(range(17))  # 99 never reached: to the end
+    assert result.at(hit.step).accuracy_drop >= 30 > max(s.accuracy_drop for s in result.steps[:hit.step])
+
+
+def test_criteria_need_clean_data_but_never_poisoned_data():
+    with pytest.raises(BdpruningError, match="clean data"):
+        ANP(trainer_options=CPU).score(planted_net(), None)
+    with pytest.raises(BdpruningError, match="clean data"):
+        RNP(trainer_options=CPU).score(planted_net(), None)
+    assert CLP().score(planted_net()).settings["data"] is None  # data-free
