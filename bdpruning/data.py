@@ -105,6 +105,15 @@ class H5ImageSet(Dataset):
         """Images ``start:stop`` as a float32 tensor (raw 0..255)."""
         return torch.from_numpy(np.asarray(self._data()[start:stop], dtype=np.float32))
 
+    @property
+    def raw_dtype(self) -> np.dtype:
+        """The dtype the file stores the images in (uint8 for the course's files)."""
+        return self._data().dtype
+
+    def raw(self, start: int, stop: int) -> np.ndarray:
+        """Images ``start:stop`` as stored (no conversion), for readers that convert on the device."""
+        return self._data()[start:stop]
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.read(index, index + 1)[0], self.labels[index]
 

@@ -115,6 +115,8 @@ class ImageData:
         self.length = length
         self.num_classes: int | None = None
         self.image_shape: tuple[int, ...] | None = None
+        #: the set resident on a device, by :mod:`bdpruning.feed` (shared by copies)
+        self.resident: dict = {}
 
     def __len__(self) -> int:
         return self.length

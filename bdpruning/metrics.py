@@ -9,7 +9,6 @@ it adds to; :class:`Count` sums them (int64, sum-reduced across processes by tor
 from __future__ import annotations
 
 import torch
-from torchmetrics import Metric
 
 from .goodnet import goodnet_labels
 
@@ -32,24 +31,6 @@ GOODNET_COUNTS = EVALUATION_COUNTS + (
 )
 
 
-class Count(Metric):
-    """How many of the flags given to :meth:`update` were true; int64, summed across processes."""
-
-    full_state_update = False
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.add_state("count", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
-
-    def update(self, flags: torch.Tensor) -> None:
-        # not in place: under ddp_spawn on CPU the initial state lives in memory shared by all
-        # processes, where += would add every process's flags to one counter
-        self.count = self.count + flags.sum(dtype=torch.int64)
-
-    def compute(self) -> torch.Tensor:
-        return self.count
-
-
 def evaluation_outcomes(predicted: torch.Tensor, labels: torch.Tensor, poisoned: bool) -> dict[str, torch.Tensor]:
     """Per-image flags for one batch of a model's top-1 ``predicted`` labels."""
     hits = predicted == labels
@@ -69,6 +50,16 @@ def goodnet_outcomes(
     if poisoned:
         return {**outcomes, "poisoned_flagged": flagged, "goodnet_attack_successes": goodnet == labels}
     return {**outcomes, "clean_flagged": flagged, "goodnet_clean_correct": goodnet == labels}
+
+
+def __getattr__(name: str):
+    # Count is a torchmetrics Metric, imported on first use: importing torchmetrics costs
+    # seconds (it imports torchvision), which commands that do not run Lightning skip
+    if name == "Count":
+        from .count_metric import Count
+
+        return Count
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def percent(hits: int, total: int) -> float | None:

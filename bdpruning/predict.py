@@ -7,8 +7,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .datasource import DataLike, as_image_data
+from .devices import resolve_device
+from .fastpath import inference_module
+from .feed import model_batches
 from .precision import runs_in_precision_context
-from .devices import model_input, resolve_device
 
 __all__ = ["predict_labels"]
 
@@ -27,14 +29,16 @@ def predict_labels(
     """Top-1 labels (int64, CPU) of ``model`` on every image of ``dataset``, in order; in IEEE
     fp32 unless ``tf32`` (see :func:`~bdpruning.precision.precision_context`).
 
-    ``dataset`` is any form :func:`~bdpruning.datasource.as_image_data` takes.
+    ``dataset`` is any form :func:`~bdpruning.datasource.as_image_data` takes. The data stays
+    on the model's device where it fits (:mod:`bdpruning.feed`) and the model runs in its fast
+    inference form (:mod:`bdpruning.fastpath`), with the same labels.
     """
     device = resolve_device(device) if device is not None else next(model.parameters()).device
     model = model.to(device).eval()
-    labels = []
     dataset = as_image_data(dataset)
-    batches = dataset.batches(batch_size)
+    fast = inference_module(model)
+    batches = model_batches(dataset, batch_size, model, channels_last=fast.channels_last)
     total = -(-len(dataset) // batch_size)
-    for images, _ in tqdm(batches, total=total, disable=not progress, desc="predict", leave=False):
-        labels.append(model(model_input(images, model)).argmax(dim=1).cpu())
-    return torch.cat(labels)
+    labels = [fast(images).argmax(dim=1)
+              for images, _ in tqdm(batches, total=total, disable=not progress, desc="predict", leave=False)]
+    return torch.cat(labels).cpu()

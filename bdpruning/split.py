@@ -35,6 +35,7 @@ class SplitModel:
     prefix: fx.GraphModule
     suffix: fx.GraphModule
     node_name: str
+    channels_last: bool = False  # whether the prefix wants NHWC input (see bdpruning.fastpath)
 
 
 def _reaches(source: fx.Node, target: fx.Node) -> bool:

@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 
 from .activations import ActivationMeans, ChannelRanking, rank_channels
 from .datasource import DataLike, ImageData, as_image_data, model_expectations
-from .devices import model_input
 from .errors import BdpruningError
+from .fastpath import fast_split
+from .feed import model_batches
 from .layers import find_layer
 from .masks import channel_count, following_batchnorm, prune_channels
 from .precision import precision_record, runs_in_precision_context
@@ -87,8 +88,9 @@ def _others(values: Sequence[torch.Tensor], n: int) -> list[bool]:
 def _prefix_chunks(split: SplitModel, dataset: ImageData, batch_size: int, device: torch.device,
                    desc: str, progress: bool) -> Iterator[tuple[tuple, torch.Tensor]]:
     total = -(-len(dataset) // batch_size)
-    for images, labels in tqdm(dataset.batches(batch_size), total=total, disable=not progress, desc=desc, leave=False):
-        yield split.prefix(model_input(images, split.prefix)), labels.to(device)
+    batches = model_batches(dataset, batch_size, split.prefix, channels_last=split.channels_last)
+    for images, labels in tqdm(batches, total=total, disable=not progress, desc=desc, leave=False):
+        yield split.prefix(images), labels.to(device)
 
 
 def _chunk_predictions(suffix: nn.Module, values: tuple, order: Sequence[int]) -> Iterator[torch.Tensor]:
@@ -115,9 +117,9 @@ def _split_for(model: nn.Module, layer: str, rank_layer: str) -> SplitModel:
     layer, rank_layer = find_layer(model, layer)[0], find_layer(model, rank_layer)[0]
     masked_end = following_batchnorm(model, layer) or layer
     if masked_end == rank_layer or zero_preserving_path(model, masked_end, rank_layer):
-        return split_at(model, rank_layer)
+        return fast_split(split_at(model, rank_layer))
     log.info("pruning %s does not zero %s channels exactly; splitting at %s", layer, rank_layer, masked_end)
-    return split_at(model, masked_end)
+    return fast_split(split_at(model, masked_end))
 
 
 @runs_in_precision_context

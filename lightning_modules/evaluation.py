@@ -13,7 +13,6 @@ evaluation step runs inside :func:`~bdpruning.precision.precision_context` (IEEE
 
 from __future__ import annotations
 
-import os
 import tempfile
 from typing import Iterable
 
@@ -21,6 +20,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from bdpruning.devices import check_devices
 from bdpruning.errors import BdpruningError
 from bdpruning.metrics import EVALUATION_COUNTS, Count, evaluation_outcomes, evaluation_rates
 from bdpruning.precision import precision_context
@@ -71,22 +71,6 @@ class EvaluationModule(CountingModule):
 
     def outcomes(self, images: torch.Tensor, labels: torch.Tensor, poisoned: bool) -> dict[str, torch.Tensor]:
         return evaluation_outcomes(self.model(images).argmax(dim=1), labels, poisoned)
-
-
-def check_devices(accelerator: str = "auto", devices: int = 1) -> None:
-    """Refuse more devices than the machine has (GPUs, or CPU cores for CPU processes)."""
-    if devices < 1:
-        raise BdpruningError(f"--devices must be at least 1 (got {devices})")
-    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
-        available, kind = torch.cuda.device_count(), "GPU"
-    elif accelerator in ("auto", "cpu"):
-        available, kind = os.cpu_count() or 1, "CPU core"
-    else:
-        return  # Lightning checks the other accelerators itself
-    if devices > available:
-        raise BdpruningError(
-            f"{devices} {accelerator} device(s) requested, but this machine has {available} {kind}(s)"
-        )
 
 
 def make_trainer(

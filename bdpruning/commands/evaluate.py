@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .options import add_lightning_arguments, lightning_options
+from .options import add_lightning_arguments, lightning_options, one_device
 
 __all__ = ["add_arguments", "run"]
 
@@ -29,11 +29,20 @@ def _rate(value: float | None) -> str:
 def run(args: argparse.Namespace) -> int:
     from ..atomic import atomic_file
     from ..loading import load_model
-    from ..lightning_modules.evaluation import evaluate_model
     from ..precision import precision_record
 
-    model = load_model(args.model, device="cpu")
-    results = evaluate_model(model, args.clean, args.poisoned, **lightning_options(args))
+    device = one_device(args)
+    if device is not None:
+        from ..counting import count_evaluation
+        from ..devices import resolve_device
+
+        model = load_model(args.model, device=resolve_device(device))
+        results = count_evaluation(model, args.clean, args.poisoned, batch_size=args.batch_size, tf32=args.tf32)
+    else:
+        from ..lightning_modules.evaluation import evaluate_model
+
+        model = load_model(args.model, device="cpu")
+        results = evaluate_model(model, args.clean, args.poisoned, **lightning_options(args))
     if results is None:  # an extra ddp process: the first one reports
         return 0
     results = {"model": args.model, "clean": args.clean, "poisoned": args.poisoned, **results,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .options import add_lightning_arguments, lightning_options
+from .options import add_lightning_arguments, lightning_options, one_device
 
 __all__ = ["add_arguments", "run"]
 
@@ -42,15 +42,25 @@ def _print_table(rows: list[dict]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..atomic import atomic_dir, prepare_out_dir
-    from ..lightning_modules.goodnet import evaluate_goodnets
     from ..loading import load_model
     from ..models import model_info
     from ..plots import plot_goodnet
 
     out = prepare_out_dir(args.out, args.force)
-    bd = load_model(args.bd, device="cpu")
-    repaired = [load_model(path, device="cpu") for path in args.repaired]
-    rates = evaluate_goodnets(bd, repaired, args.clean, args.poisoned, **lightning_options(args))
+    device = one_device(args)
+    if device is not None:  # one process: no Lightning (see bdpruning.counting)
+        from ..counting import count_goodnets
+        from ..devices import resolve_device
+
+        bd = load_model(args.bd, device=resolve_device(device))
+        repaired = [load_model(path, device=resolve_device(device)) for path in args.repaired]
+        rates = count_goodnets(bd, repaired, args.clean, args.poisoned, batch_size=args.batch_size, tf32=args.tf32)
+    else:
+        from ..lightning_modules.goodnet import evaluate_goodnets
+
+        bd = load_model(args.bd, device="cpu")
+        repaired = [load_model(path, device="cpu") for path in args.repaired]
+        rates = evaluate_goodnets(bd, repaired, args.clean, args.poisoned, **lightning_options(args))
     if rates is None:  # an extra ddp process: the first one reports
         return 0
     num_classes = model_info(bd).num_classes

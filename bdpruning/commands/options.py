@@ -8,7 +8,7 @@ import logging
 import sys
 import warnings
 
-__all__ = ["add_lightning_arguments", "add_tf32_argument", "lightning_options"]
+__all__ = ["add_lightning_arguments", "add_tf32_argument", "lightning_options", "one_device"]
 
 
 def add_lightning_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,3 +38,14 @@ def lightning_options(args: argparse.Namespace) -> dict:
         warnings.filterwarnings("ignore", module="pytorch_lightning")
     return dict(accelerator=args.accelerator, devices=args.devices, strategy=args.strategy,
                 batch_size=args.batch_size, num_workers=args.workers, progress=sys.stdout.isatty(), tf32=args.tf32)
+
+
+def one_device(args: argparse.Namespace) -> str | None:
+    """The device of a one-process run (``--devices 1``), evaluated without Lightning: importing
+    Lightning costs more than evaluating (see :mod:`bdpruning.counting`); None for DDP."""
+    if args.devices != 1:
+        return None
+    from ..devices import check_devices
+
+    check_devices(args.accelerator, args.devices)
+    return {"auto": "auto", "cpu": "cpu"}.get(args.accelerator, "cuda")
