@@ -133,3 +133,19 @@ def test_one_device_evaluate_does_not_import_lightning_or_matplotlib(safe_set, t
             "print(code, heavy)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.stdout.strip().endswith("0 []"), result.stdout + result.stderr
+
+
+def test_threads_follow_the_environment_and_the_affinity(monkeypatch):
+    from bdpruning.threads import available_cores, configure_threads
+
+    saved = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+        monkeypatch.setenv("BDPRUNE_NUM_THREADS", "1")
+        assert configure_threads() == 1 == torch.get_num_threads()
+        monkeypatch.delenv("BDPRUNE_NUM_THREADS")
+        assert configure_threads() == available_cores() == torch.get_num_threads()
+        assert configure_threads(processes=2 * available_cores()) == 1
+    finally:
+        torch.set_num_threads(saved)
