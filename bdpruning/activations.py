@@ -9,8 +9,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .datasource import DataLike, as_image_data
-from .devices import model_input
+from .fastpath import inference_module
+from .feed import model_batches
 from .errors import BdpruningError
+from .exactsum import ExactChannelSums
 from .layers import find_layer
 from .precision import runs_in_precision_context
 
@@ -36,25 +38,29 @@ def ranking_from_sums(layer: str, sums: torch.Tensor, elements_per_channel: int,
 
 class ActivationMeans:
     """The one place a layer's per-channel mean activation is accumulated: :func:`rank_channels`
-    feeds it from a forward hook, the sweep from its cached prefix outputs."""
+    feeds it from a forward hook, the sweep from its cached prefix outputs.
+
+    The sums are exact (:class:`~bdpruning.exactsum.ExactChannelSums`), so the means, and the
+    ranking, do not depend on the batching or on how many processes add to them."""
 
     def __init__(self) -> None:
-        self.sums: torch.Tensor | None = None
+        self.sums = ExactChannelSums()
         self.elements = 0
         self.samples = 0
 
     def add(self, output: torch.Tensor) -> None:
         """Add a batch of the layer's output (N, C, ...)."""
-        sums = channel_sums(output)
-        self.sums = sums if self.sums is None else self.sums + sums
+        if output.dim() < 2:
+            raise BdpruningError(f"layer output has shape {tuple(output.shape)}, expected (N, C, ...)")
+        self.sums.add(output)
         self.elements += output.numel() // output.shape[1]
         self.samples += output.shape[0]
 
     def ranking(self, layer: str) -> ChannelRanking:
         """The channels of ``layer`` by their mean so far, ascending (ties by index)."""
-        if self.sums is None:
-            raise BdpruningError("no data to rank channels on (empty data set)")
-        return ranking_from_sums(layer, self.sums, self.elements, self.samples)
+        means = self.sums.means(self.elements)
+        order = sorted(range(len(means)), key=lambda c: (means[c], c))
+        return ChannelRanking(layer, means, order, self.samples)
 
 
 class _StopForward(Exception):
@@ -93,13 +99,15 @@ def rank_channels(
         raise _StopForward
 
     data = as_image_data(data)
-    batches, total = data.batches(batch_size), -(-len(data) // batch_size)
+    total = -(-len(data) // batch_size)
     handle = module.register_forward_hook(hook)
     try:
         model.eval()
+        fast = inference_module(model)  # after the hook: the hooked layer stays as it is
+        batches = model_batches(data, batch_size, model, channels_last=fast.channels_last)
         for images, _ in tqdm(batches, total=total, disable=not progress, desc=f"rank {name}", leave=False):
             try:
-                model(model_input(images, model))
+                fast(images)
             except _StopForward:
                 pass
     finally:
