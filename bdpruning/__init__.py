@@ -25,8 +25,18 @@ from .compaction import compact_model, model_cost
 from .precision import precision_context
 from .pruning_run import save_repaired
 from .sweep import SweepResult, run_sweep
+from .criteria import ANP, CLP, RNP, MeanActivation
+from .defense import DefenseResult, run_defense
+from .defense_run import save_defense
 
 __all__ = [
+    "ANP",
+    "CLP",
+    "DefenseResult",
+    "MeanActivation",
+    "RNP",
+    "run_defense",
+    "save_defense",
     "BdpruningError",
     "DeepID",
     "ModelInfo",

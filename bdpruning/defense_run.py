@@ -4,7 +4,7 @@ repaired models and plots. The lab's criterion (``activation``) keeps :mod:`.pru
 The output directory holds ``criterion.json`` (the criterion's settings, seed, wall time,
 every channel's score and its order), ``sweep.csv`` / ``sweep.json`` (one row per evaluated
 step along that order), ``summary.json`` (baseline; the criterion's own choice, saved as
-``repaired/``; accuracy and ASR per value of the criterion's parameter; with thresholds, every
+``repaired_<criterion>/``, e.g. ``repaired_clp/``; accuracy and ASR per value of the criterion's parameter; with thresholds, every
 reached accuracy-drop threshold, saved as ``repaired_<T>pct/`` as in the lab), ``accuracy_asr.png`` and ``scores.png``.
 """
 
@@ -25,12 +25,14 @@ from .defense import DefenseResult, run_defense
 from .pruning_run import load_inputs, save_pruned_copy
 from .results import threshold_dirname, write_rows_csv
 
-__all__ = ["CHOSEN_DIR", "defend_model", "write_defense_results", "save_defense_models"]
+__all__ = ["chosen_dirname", "defend_model", "save_defense", "write_defense_results", "save_defense_models"]
 
 log = logging.getLogger(__name__)
 
-#: Where the criterion's own B' is saved.
-CHOSEN_DIR = "repaired"
+def chosen_dirname(criterion: str) -> str:
+    """Directory of a criterion's own B': ``repaired_clp``, ``repaired_anp``, ..."""
+    return f"repaired_{criterion}"
+
 _COLUMNS = ["step", "layer", "channel", "score", "fraction_pruned", "clean_accuracy", "attack_success_rate",
             "accuracy_drop"]
 
@@ -48,7 +50,7 @@ def defense_summary(result: DefenseResult, extra: dict | None = None) -> dict:
     scores, base = result.scores, result.steps[0]
     chosen = {scores.parameter: scores.settings.get("u", scores.settings.get("threshold")),
               **_entry(result, scores.selected),
-              "model_dir": CHOSEN_DIR if scores.selected else None}
+              "model_dir": chosen_dirname(scores.criterion) if scores.selected else None}
     thresholds = []
     for hit in result.thresholds:
         entry = {"threshold": hit.threshold, "reached": hit.reached}
@@ -80,11 +82,11 @@ def write_defense_results(result: DefenseResult, directory: str | os.PathLike[st
 
 
 def save_defense_models(model: nn.Module, result: DefenseResult, directory: Path) -> None:
-    """Save the criterion's B' (``repaired/``) and B'_T for every reached threshold."""
+    """Save the criterion's B' (``repaired_<criterion>/``) and B'_T for every reached threshold."""
     scores = result.scores
     targets = []
     if scores.selected:
-        targets.append((CHOSEN_DIR, scores.selected, {"criterion": scores.criterion}))
+        targets.append((chosen_dirname(scores.criterion), scores.selected, {}))
     else:
         log.warning("%s chose no channel: no repaired model of its own", scores.criterion)
     targets += [(threshold_dirname(hit.threshold), hit.step, {"threshold": hit.threshold})
@@ -114,29 +116,42 @@ def defend_model(
     """Run ``criterion``'s defense and write everything to ``out`` atomically; return the
     summary (None in the extra processes of a ``ddp`` launch). The criterion sees only
     ``clean_valid``; ``poisoned_valid`` only gives the ASR."""
-    from . import plots
-
     out = prepare_out_dir(out, force)
     model, clean, poisoned = load_inputs(model_path, clean_valid, poisoned_valid, device)
     result = run_defense(model, criterion, clean, poisoned, thresholds=thresholds, full_sweep=full_sweep,
                          batch_size=batch_size, progress=progress, tf32=tf32)
     if result is None:
         return None
+    return save_defense(result, model, out, force=force, extra={
+        "model": str(model_path), "clean_valid": str(clean_valid),
+        "poisoned_valid": None if poisoned_valid is None else str(poisoned_valid),
+        "device": str(next(model.parameters()).device)})
+
+
+def save_defense(result: DefenseResult, model: nn.Module, out: str | os.PathLike[str], *, force: bool = False,
+                 extra: dict | None = None) -> dict:
+    """Write a defense's results, repaired models (from the unpruned ``model`` it ran on) and
+    plots into ``out`` atomically (see the module docstring); return the summary.
+
+    Raises :class:`~bdpruning.BdpruningError` when ``out`` exists (unless ``force``) or the
+    model has no bdpruning record (see :func:`bdpruning.adopt`)."""
+    from . import plots
+    from .models import model_info
+
+    out = prepare_out_dir(out, force)
+    model_info(model)  # refuse an unrecorded model before anything is written
     model = model.eval()
     with atomic_dir(out) as directory:
-        summary = write_defense_results(result, directory, extra={
-            "model": str(model_path), "clean_valid": str(clean_valid),
-            "poisoned_valid": None if poisoned_valid is None else str(poisoned_valid),
-            "device": str(next(model.parameters()).device)})
+        summary = write_defense_results(result, directory, extra=extra)
         save_defense_models(model, result, directory)
         steps, scores = result.steps, result.scores
         plots.plot_sweep(
             [s.fraction_pruned for s in steps], [s.clean_accuracy for s in steps],
-            None if poisoned is None else [s.attack_success_rate for s in steps],
+            None if result.poisoned_samples is None else [s.attack_success_rate for s in steps],
             [(h.threshold, h.fraction_pruned) for h in result.thresholds], directory / "accuracy_asr.png",
             layer="all covered conv layers", marks=[(scores.criterion, scores.selected / len(scores.order))],
         )
         plots.plot_scores(scores.order, scores.scores, directory / "scores.png",
                           f"{scores.criterion}: {scores.score_name}", scores.selected)
-    log.info("%s results written to %s", criterion.name, out)
+    log.info("%s results written to %s", scores.criterion, out)
     return summary

@@ -162,8 +162,8 @@ def test_cli_runs_a_criterion_and_saves_its_repaired_model(deepid_files, tmp_pat
     assert summary["criterion"] == record["criterion"] == "clp" and summary["layers"] == [
         "conv_1", "conv_2", "conv_3", "conv_4"]
     chosen = summary["chosen"]
-    assert chosen["channels_pruned"] == record["selected"] > 0 and chosen["model_dir"] == "repaired"
-    repaired = bdpruning.load_model(out / "repaired", device="cpu")
+    assert chosen["channels_pruned"] == record["selected"] > 0 and chosen["model_dir"] == "repaired_clp"
+    repaired = bdpruning.load_model(out / "repaired_clp", device="cpu")
     for layer, channels in chosen["pruned_channels"].items():
         assert bdpruning.pruned_channels(repaired, layer) == channels
     assert [p["u"] for p in summary["points"]][:2] == [0.0, 0.5] and "clean_accuracy" in summary["points"][0]
@@ -180,7 +180,7 @@ def test_cli_trains_anp_through_lightning_and_refuses_bad_settings(deepid_files,
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["chosen"]["channels_pruned"] == 3 and summary["settings"]["iterations_run"] == 2
-    assert bdpruning.load_model(out / "repaired", device="cpu") is not None
+    assert bdpruning.load_model(out / "repaired_anp", device="cpu") is not None
     code, _, err = bdprune(capsys, "prune", "--criterion", "rnp", "--mask-threshold", "2", "--model", model,
                            "--clean-valid", clean, "--out", tmp_path / "bad", "--no-progress")
     assert code == 2 and "mask threshold must lie in (0, 1]" in err and not (tmp_path / "bad").exists()
@@ -201,3 +201,17 @@ def test_criteria_need_clean_data_but_never_poisoned_data():
     with pytest.raises(BdpruningError, match="clean data"):
         RNP(trainer_options=CPU).score(planted_net(), None)
     assert CLP().score(planted_net()).settings["data"] is None  # data-free
+
+
+def test_api_saves_an_adopted_models_defense_that_reloads(tmp_path):
+    clean, poisoned = planted_data(256, seed=0), planted_data(128, seed=1, poisoned=True)
+    model = planted_net()
+    result = bdpruning.run_defense(model, bdpruning.CLP(), clean, poisoned)
+    summary = bdpruning.save_defense(result, model, tmp_path / "clp")
+    assert summary["chosen"]["pruned_channels"] == {"features": [BACKDOOR]}
+    repaired = bdpruning.load_model(tmp_path / "clp" / "repaired_clp", device="cpu")
+    images, labels = poisoned
+    triggered = predict_labels(repaired, (images, labels))
+    assert (triggered != labels).all()  # the attack fails on every poisoned image
+    with pytest.raises(BdpruningError, match="output directory exists"):
+        bdpruning.save_defense(result, model, tmp_path / "clp")
