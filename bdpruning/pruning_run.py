@@ -93,17 +93,30 @@ def prune_model(
     force: bool = False,
     progress: bool = True,
     tf32: bool = False,
-) -> dict:
+    trainer_options: dict | None = None,
+) -> dict | None:
     """Run the pruning defense and write everything to ``out`` atomically; return the summary.
 
-    The sweep runs in IEEE fp32 unless ``tf32``; ``summary.json`` records the precision.
+    The sweep runs in IEEE fp32 unless ``tf32``; ``summary.json`` records the precision. With
+    ``trainer_options`` (``devices`` > 1, ``strategy="ddp"``...) ranking and sweep run
+    data-parallel under Lightning with the same result
+    (:func:`bdpruning.lightning_modules.sweep.distributed_sweep`); the extra processes return None.
     """
     from . import plots
 
+    distributed = bool(trainer_options) and trainer_options.get("devices", 1) > 1
+    if distributed:
+        from .lightning_modules.sweep import distributed_sweep
     out = prepare_out_dir(out, force)
-    model, clean, poisoned = load_inputs(model_path, clean_valid, poisoned_valid, device)
-    result = run_sweep(model, clean, poisoned, layer=layer, rank_layer=rank_layer, thresholds=thresholds,
-                       full_sweep=full_sweep, batch_size=batch_size, progress=progress, tf32=tf32)
+    model, clean, poisoned = load_inputs(model_path, clean_valid, poisoned_valid, "cpu" if distributed else device)
+    if distributed:
+        result = distributed_sweep(model, clean, poisoned, layer=layer, rank_layer=rank_layer, thresholds=thresholds,
+                                   full_sweep=full_sweep, batch_size=batch_size, tf32=tf32, **trainer_options)
+        if result is None:  # an extra ddp process: the first one writes
+            return None
+    else:
+        result = run_sweep(model, clean, poisoned, layer=layer, rank_layer=rank_layer, thresholds=thresholds,
+                           full_sweep=full_sweep, batch_size=batch_size, progress=progress, tf32=tf32)
     with atomic_dir(out) as directory:
         summary = write_sweep_results(result, directory, extra={
             "model": str(model_path), "clean_valid": str(clean_valid),

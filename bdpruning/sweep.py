@@ -31,7 +31,7 @@ from .split import SplitModel, check_fed_by, split_at, zero_preserving_path
 
 __all__ = [
     "SweepStep", "ThresholdHit", "SweepResult", "run_sweep", "find_thresholds",
-    "naive_sweep_predictions", "sweep_predictions",
+    "naive_sweep_predictions", "sweep_predictions", "check_thresholds", "sweep_layers", "sweep_result",
 ]
 
 log = logging.getLogger(__name__)
@@ -216,23 +216,12 @@ def run_sweep(
 
     ``clean`` and ``poisoned`` take any form of :func:`~bdpruning.datasource.as_image_data`;
     ``rank_layer`` must be computed from ``layer`` (checked in the traced graph)."""
-    if not thresholds or any(not t > 0 for t in thresholds):
-        raise BdpruningError(f"thresholds must be positive numbers of points, got {list(thresholds)}")
+    check_thresholds(thresholds)
     clean = as_image_data(clean, **model_expectations(model))
     poisoned = None if poisoned is None else as_image_data(poisoned, **model_expectations(model))
     model.eval()
     device = next(model.parameters()).device
-    layer_name, module = find_layer(model, layer)
-    rank_name, _ = find_layer(model, rank_layer)
-    channels = channel_count(module)
-    check_fed_by(model, layer_name, rank_name)
-    with torch.inference_mode():
-        probe = rank_channels(model, (clean.first_images(1), torch.zeros(1, dtype=torch.int64)), rank_name, tf32=tf32)
-    if len(probe.order) != channels:
-        raise BdpruningError(
-            f"rank layer {rank_name!r} has {len(probe.order)} channels but {layer_name!r} has {channels}; "
-            "choose a rank layer fed by the pruned layer"
-        )
+    layer_name, rank_name, _ = sweep_layers(model, clean, layer, rank_layer, thresholds, tf32)
     split = _split_for(model, layer_name, rank_name)
     with torch.inference_mode():
         if split.node_name == rank_name:
@@ -244,25 +233,58 @@ def run_sweep(
         if poisoned is not None:
             poisoned_hits = _correct_counts(split, poisoned, ranking.order, batch_size, device, None,
                                             "sweep poisoned", progress)
+    return sweep_result(layer_name, rank_name, ranking, clean_correct, poisoned_hits, len(clean),
+                        None if poisoned is None else len(poisoned), thresholds, full_sweep, split.node_name)
 
+
+def check_thresholds(thresholds: Sequence[float]) -> None:
+    """Refuse an empty list of thresholds or one that is not a positive number of points."""
+    if not thresholds or any(not t > 0 for t in thresholds):
+        raise BdpruningError(f"thresholds must be positive numbers of points, got {list(thresholds)}")
+
+
+def sweep_layers(model: nn.Module, clean: ImageData, layer: str, rank_layer: str, thresholds: Sequence[float],
+                 tf32: bool = False) -> tuple[str, str, int]:
+    """Check a sweep's thresholds and layers (``rank_layer`` fed by ``layer``, as many channels);
+    return the pruned layer's and the rank layer's module names and the channel count."""
+    check_thresholds(thresholds)
+    layer_name, module = find_layer(model, layer)
+    rank_name, _ = find_layer(model, rank_layer)
+    channels = channel_count(module)
+    check_fed_by(model, layer_name, rank_name)
+    with torch.inference_mode():
+        probe = rank_channels(model, (clean.first_images(1), torch.zeros(1, dtype=torch.int64)), rank_name, tf32=tf32)
+    if len(probe.order) != channels:
+        raise BdpruningError(
+            f"rank layer {rank_name!r} has {len(probe.order)} channels but {layer_name!r} has {channels}; "
+            "choose a rank layer fed by the pruned layer"
+        )
+    return layer_name, rank_name, channels
+
+
+def sweep_result(layer_name: str, rank_name: str, ranking: ChannelRanking, clean_correct: Sequence[int],
+                 poisoned_hits: Sequence[int] | None, clean_count: int, poisoned_count: int | None,
+                 thresholds: Sequence[float], full_sweep: bool, masked_at: str) -> SweepResult:
+    """The :class:`SweepResult` of a ranking and the per-step correct counts (step 0: nothing
+    pruned) on ``clean_count`` clean and ``poisoned_count`` poisoned images."""
+    channels = len(ranking.order)
     steps = []
     for k in range(channels + 1):
-        accuracy = _percent(clean_correct[k], len(clean))
+        accuracy = _percent(clean_correct[k], clean_count)
         steps.append(SweepStep(
             step=k,
             channel=ranking.order[k - 1] if k else None,
             fraction_pruned=k / channels,
             clean_accuracy=accuracy,
-            attack_success_rate=None if poisoned_hits is None else _percent(poisoned_hits[k], len(poisoned)),
+            attack_success_rate=None if poisoned_hits is None else _percent(poisoned_hits[k], poisoned_count),
             accuracy_drop=steps[0].clean_accuracy - accuracy if steps else 0.0,
         ))
-    hits = find_thresholds(clean_correct, len(clean), thresholds)
+    hits = find_thresholds(clean_correct, clean_count, thresholds)
     found = [ThresholdHit(t, k, steps[k].clean_accuracy, steps[k].attack_success_rate, steps[k].fraction_pruned)
              if k is not None else ThresholdHit(t, None) for t, k in zip(thresholds, hits)]
     last = channels if full_sweep or None in hits else max(hits)
     for hit in found:
         if not hit.reached:
             log.warning("accuracy never dropped by %g points: no repaired model for that threshold", hit.threshold)
-    return SweepResult(layer_name, rank_name, ranking, steps[: last + 1], found, len(clean),
-                       None if poisoned is None else len(poisoned), split.node_name, full_sweep, steps,
-                       precision_record())
+    return SweepResult(layer_name, rank_name, ranking, steps[: last + 1], found, clean_count, poisoned_count,
+                       masked_at, full_sweep, steps, precision_record())

@@ -66,8 +66,8 @@ def add_criterion_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--stop-accuracy", type=float, default=0.2,
                        help="rnp: unlearn until clean accuracy falls to this fraction (default: 0.2)")
     group.add_argument("--train-batch-size", type=int, default=128, help="anp/rnp: training batch (default: 128)")
-    group.add_argument("--accelerator", default="cpu", choices=["auto", "cpu", "gpu", "cuda"],
-                       help="anp/rnp: where Lightning trains (default: cpu)")
+    group.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu", "cuda"],
+                       help="anp/rnp: where Lightning trains (default: auto, a GPU when there is one)")
     group.add_argument("--devices", type=int, default=1, help="anp/rnp: processes/GPUs (default: 1)")
     group.add_argument("--strategy", default="auto", choices=["auto", "ddp", "ddp_spawn"],
                        help="anp/rnp with --devices > 1: ddp or ddp_spawn")
@@ -111,7 +111,10 @@ def run(args: argparse.Namespace) -> int:
         thresholds=args.thresholds, layer=args.layer, rank_layer=args.rank_layer,
         full_sweep=args.full_sweep, device=args.device, batch_size=args.batch_size,
         force=args.force, progress=not args.no_progress, tf32=args.tf32,
+        trainer_options=dict(accelerator=args.accelerator, devices=args.devices, strategy=args.strategy),
     )
+    if summary is None:  # an extra process of --devices N --strategy ddp: the first one reports
+        return 0
     base = summary["baseline"]
     print(f"baseline: clean accuracy {base['clean_accuracy']:.2f} %, ASR {_asr(base['attack_success_rate'])} %")
     print(f"{'threshold':>9}  {'channels':>8}  {'clean acc':>9}  {'ASR':>6}  model")
