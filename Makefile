@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_compact.py
 	$(PY) benchmarks/bench_convert.py
 	$(PY) benchmarks/bench_sweep.py --images 2048
+	$(PY) benchmarks/bench_speed.py
 
 # The API reference, generated from the docstrings (pdoc), in docs/api/index.html.
 docs: $(STAMP)
