@@ -41,6 +41,9 @@ def test_reduced_demo_runs_the_whole_pipeline(tmp_path):
     for figure in ("pruning/accuracy_asr.png", "pruning/activations.png", "finetuned/finetune.png",
                    "goodnet/goodnet.png"):
         assert (run / figure).stat().st_size > 1000 and f"]({figure})" in text
+    for name in ("clp", "anp", "rnp"):  # the other criteria ran on the same BadNet
+        assert json.loads((run / f"defense_{name}" / "criterion.json").read_text())["criterion"] == name
+    assert "## Pruning defenses compared" in text and "| clp" in text
     # the build is cached: a second run reuses it and replaces the run directory
     run_demo(tmp_path / "run", tmp_path / "cache", thresholds=(2, 4), finetune_epochs=2, build_options=small)
     assert json.loads((run / "pruning" / "summary.json").read_text()) == summary

@@ -67,10 +67,11 @@ def add_criterion_arguments(parser: argparse.ArgumentParser) -> None:
                        help="rnp: unlearn until clean accuracy falls to this fraction (default: 0.2)")
     group.add_argument("--train-batch-size", type=int, default=128, help="anp/rnp: training batch (default: 128)")
     group.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu", "cuda"],
-                       help="anp/rnp: where Lightning trains (default: auto, a GPU when there is one)")
-    group.add_argument("--devices", type=int, default=1, help="anp/rnp: processes/GPUs (default: 1)")
+                       help="where Lightning runs: anp/rnp training, a data-parallel sweep "
+                            "(default: auto, a GPU when there is one)")
+    group.add_argument("--devices", type=int, default=1, help="Lightning processes/GPUs (default: 1)")
     group.add_argument("--strategy", default="auto", choices=["auto", "ddp", "ddp_spawn"],
-                       help="anp/rnp with --devices > 1: ddp or ddp_spawn")
+                       help="with --devices > 1: ddp or ddp_spawn")
 
 
 def make_criterion(args: argparse.Namespace):

@@ -1,5 +1,5 @@
 """The whole defense on the embedded BadNet: build -> convert -> prune -> fine-prune -> compact -> GoodNet
--> report.
+-> the other pruning criteria (CLP, ANP, RNP) and GoodNet with their B' -> report.
 
 Each stage runs the same ``bdprune`` command a user would type (in a subprocess, so each is a
 clean process and the report can list the exact commands), into one run directory that appears
@@ -21,6 +21,7 @@ from typing import Sequence
 from ..atomic import atomic_dir
 from ..errors import BdpruningError
 from .build import DemoFiles, build_demo
+from .comparison import DEMO_CRITERIA, criterion_stages
 from .report import write_report
 
 __all__ = ["run_demo", "default_cache_dir"]
@@ -34,16 +35,17 @@ def default_cache_dir() -> Path:
     return Path(base) / "bdpruning" / "demo"
 
 
-def _bdprune(stage: str, args: Sequence[str], run: Path) -> tuple[str, float]:
+def _bdprune(stage: str, args: Sequence[str], run: Path, label: str | None = None) -> tuple[str, float]:
     """Run ``bdprune STAGE ARGS`` inside the run directory (outputs are named relative to it, so
-    what the stages record stays true after the rename); return the command and seconds."""
+    what the stages record stays true after the rename); return the command and seconds. The
+    log is ``logs/LABEL.log`` (default: the stage)."""
     command = [sys.executable, "-m", "bdpruning.cli", stage, *args]
     shown = "bdprune " + shlex.join([stage, *args])
     log_dir = run / "logs"
     log.info("%s: %s", stage, shown)
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, cwd=run)
-    (log_dir / f"{stage}.log").write_text(result.stdout + result.stderr)
+    (log_dir / f"{label or stage}.log").write_text(result.stdout + result.stderr)
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise BdpruningError(f"demo stage {stage!r} failed (exit {result.returncode}): {last}")
@@ -77,10 +79,10 @@ def run_demo(
     with atomic_dir(out) as run:
         (run / "logs").mkdir()
 
-        def stage(name: str, args: list[str]) -> None:
-            shown, seconds = _bdprune(name, args, run)
+        def stage(name: str, args: list[str], label: str | None = None) -> None:
+            shown, seconds = _bdprune(name, args, run, label)
             commands.append(shown)
-            timings[name] = seconds
+            timings[label or name] = seconds
 
         stage("convert", [str(demo.bd_net), "--out", "converted", "--data", str(demo.clean_valid)])
         stage("prune", ["--model", "converted", "--clean-valid", str(demo.clean_valid),
@@ -97,6 +99,14 @@ def run_demo(
             stage("goodnet", ["--bd", "converted", "--repaired", *repaired, "finetuned", "--clean",
                               str(demo.clean_test), "--poisoned", str(demo.poisoned_test),
                               "--out", "goodnet", *precision])
+        for label, args in criterion_stages(str(demo.clean_valid), str(demo.poisoned_valid), precision):
+            stage("prune", args, label)  # CLP, ANP, RNP: the same engine, other criteria
+        chosen = [f"defense_{name}/repaired_{name}" for name in DEMO_CRITERIA
+                  if (run / f"defense_{name}" / f"repaired_{name}").exists()]
+        if chosen:
+            stage("goodnet", ["--bd", "converted", "--repaired", *chosen, "--clean", str(demo.clean_test),
+                              "--poisoned", str(demo.poisoned_test), "--out", "goodnet_criteria", *precision],
+                  "goodnet-criteria")
         report = write_report(run, demo, commands, timings)
     log.info("report written to %s", out / report.name)
     return out / report.name

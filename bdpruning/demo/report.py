@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from .build import DemoFiles
+from .comparison import comparison_section
 
 __all__ = ["write_report"]
 
@@ -168,6 +169,7 @@ def write_report(run: Path, demo: DemoFiles, commands: list[str], timings: dict[
         ]
     else:
         lines.append("No threshold was reached, so there is no repaired model to build GoodNet from.")
+    lines += ["", *comparison_section(run, timings)]
     lines += ["", "## Reproduce", "", "From inside this run directory:", "", "```bash", *commands, "```", "", "## Wall time", "",
               *[f"- {stage}: {seconds:.1f} s" for stage, seconds in timings.items()], ""]
     path = run / "report.md"
