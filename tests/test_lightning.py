@@ -101,6 +101,7 @@ def test_cli_evaluate_under_ddp_equals_one_process(nets, sets, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("clean accuracy") == 1  # only the first process reports
     two = json.loads((tmp_path / "two.json").read_text())
+    assert two.pop("precision")["tf32"] is False  # the JSON records the precision: fp32 by default
     one = evaluate_model(nets[0], *sets)
     assert two == {"model": str(BD_WEIGHTS), "clean": str(sets[0]), "poisoned": str(sets[1]), **one}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clean.h5", "poisoned.h5", "two.json"]
