@@ -28,7 +28,8 @@ class ANPModule(pl.LightningModule):
         self.eps, self.alpha, self.steps, self.mask_lr, self.seed = eps, alpha, steps, mask_lr, seed
         self.automatic_optimization = False
         self.generator: torch.Generator | None = None
-        self.iterations = 0
+        # a buffer, so that the count travels back from ddp_spawn's processes with the state dict
+        self.register_buffer("iterations_run", torch.zeros((), dtype=torch.int64))
 
     def on_train_start(self) -> None:
         self.generator = torch.Generator().manual_seed(self.seed + self.global_rank)
@@ -51,4 +52,4 @@ class ANPModule(pl.LightningModule):
         self.manual_backward(loss)
         optimizers[0].step()
         self.masks.clip_masks()
-        self.iterations += 1
+        self.iterations_run += 1

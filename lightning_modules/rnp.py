@@ -21,12 +21,18 @@ class UnlearnModule(pl.LightningModule):
     """Gradient ascent on the clean loss (SGD with momentum 0.9 and weight decay); stops after
     the first epoch whose running clean accuracy is at most ``stop_accuracy`` (a fraction)."""
 
-    def __init__(self, model: nn.Module, lr: float, weight_decay: float, stop_accuracy: float) -> None:
+    def __init__(self, model: nn.Module, lr: float, weight_decay: float, stop_accuracy: float, epochs: int) -> None:
         super().__init__()
         self.model = model
         self.lr, self.weight_decay, self.stop_accuracy = lr, weight_decay, stop_accuracy
         self.accuracy = MeanMetric()
-        self.epoch_accuracy: list[float] = []
+        # per epoch (NaN: not run); a buffer, so it travels back from ddp_spawn with the state dict
+        self.register_buffer("accuracy_history", torch.full((epochs,), float("nan"), dtype=torch.float64))
+
+    @property
+    def epoch_accuracy(self) -> list[float]:
+        """Clean accuracy (a fraction, over every process) of each unlearning epoch run."""
+        return [a for a in self.accuracy_history.tolist() if a == a]
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
@@ -37,7 +43,7 @@ class UnlearnModule(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         accuracy = float(self.accuracy.compute())  # over every process
         self.accuracy.reset()
-        self.epoch_accuracy.append(accuracy)
+        self.accuracy_history[self.current_epoch] = accuracy
         if accuracy <= self.stop_accuracy:
             self.trainer.should_stop = True
 

@@ -215,3 +215,15 @@ def test_api_saves_an_adopted_models_defense_that_reloads(tmp_path):
     assert (triggered != labels).all()  # the attack fails on every poisoned image
     with pytest.raises(BdpruningError, match="output directory exists"):
         bdpruning.save_defense(result, model, tmp_path / "clp")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["anp", "rnp"])
+def test_training_criteria_run_data_parallel(name):
+    """Two real CPU processes (ddp_spawn): the masks and the run's record come back to this one."""
+    spawn = {"accelerator": "cpu", "devices": 2, "strategy": "ddp_spawn"}
+    criterion = {"anp": ANP(iterations=10, images=128, batch_size=32, trainer_options=spawn),
+                 "rnp": RNP(images=128, batch_size=32, unlearn_epochs=2, recover_epochs=2, trainer_options=spawn)}[name]
+    scores = criterion.score(planted_net(), planted_data(128, seed=0))
+    assert BACKDOOR in scores.selection()["features"] and scores.settings["devices"] == 2
+    assert scores.settings.get("iterations_run", 10) == 10 and scores.settings.get("unlearn_epochs_run", 2) >= 1

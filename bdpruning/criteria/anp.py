@@ -110,5 +110,6 @@ class ANP(TrainedCriterion):
         values = masks.values()
         masks.remove()
         seconds = time.perf_counter() - start
-        log.info("ANP: %d iterations in %.1f s", module.iterations, seconds)
-        return self.scores(values, {**self.settings(), "iterations_run": module.iterations}, clean, data, seconds)
+        iterations = int(module.iterations_run)
+        log.info("ANP: %d iterations in %.1f s", iterations, seconds)
+        return self.scores(values, {**self.settings(), "iterations_run": iterations}, clean, data, seconds)

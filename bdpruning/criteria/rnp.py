@@ -68,7 +68,7 @@ class RNP(TrainedCriterion):
         start = time.perf_counter()
         data = self.training_data(model, clean)
         unlearned = copy.deepcopy(model).train().requires_grad_(True)
-        unlearn = UnlearnModule(unlearned, self.unlearn_lr, self.weight_decay, self.stop_accuracy)
+        unlearn = UnlearnModule(unlearned, self.unlearn_lr, self.weight_decay, self.stop_accuracy, self.unlearn_epochs)
         trainer = make_trainer(max_epochs=self.unlearn_epochs, gradient_clip_val=self.clip_norm,
                                **self.trainer_options)
         data.check_processes(trainer.world_size)
