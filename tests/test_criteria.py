@@ -184,6 +184,23 @@ def test_cli_trains_anp_through_lightning_and_refuses_bad_settings(deepid_files,
     code, _, err = bdprune(capsys, "prune", "--criterion", "rnp", "--mask-threshold", "2", "--model", model,
                            "--clean-valid", clean, "--out", tmp_path / "bad", "--no-progress")
     assert code == 2 and "mask threshold must lie in (0, 1]" in err and not (tmp_path / "bad").exists()
+    code, _, err = bdprune(capsys, "prune", "--criterion", "clp", "--layers", "fc_1", "--model", model,
+                           "--clean-valid", clean, "--out", tmp_path / "bad", "--no-progress")
+    assert code == 2 and err.count("\n") == 1 and "'fc_1' is a Linear, not a Conv2d" in err
+
+
+def test_a_deepid_from_keras_gets_its_repaired_model_as_keras_h5_too(bd_weights, tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    data = rng.integers(0, 256, (8, 3, 55, 47)).astype(np.uint8)
+    clean = write_h5_set(tmp_path / "clean.h5", data, rng.integers(0, 1283, 8))
+    out = tmp_path / "clp"
+    code, _, _ = bdprune(capsys, "prune", "--criterion", "clp", "--u", "2", "--model", bd_weights, "--clean-valid",
+                         clean, "--out", out, "--no-progress", "--device", "cpu")
+    assert code == 0
+    chosen = json.loads((out / "summary.json").read_text())["chosen"]
+    keras_copy = bdpruning.load_model(out / "repaired_clp" / "model.h5", device="cpu")
+    for layer, channels in chosen["pruned_channels"].items():
+        assert bdpruning.pruned_channels(keras_copy, layer) == channels
 
 
 def test_thresholds_sweep_every_step_along_the_criterion_order():
@@ -201,6 +218,8 @@ def test_criteria_need_clean_data_but_never_poisoned_data():
     with pytest.raises(BdpruningError, match="clean data"):
         RNP(trainer_options=CPU).score(planted_net(), None)
     assert CLP().score(planted_net()).settings["data"] is None  # data-free
+    with pytest.raises(BdpruningError, match="cannot prune the 17 lowest masks: the layers have 16 channels"):
+        ANP(count=17, trainer_options=CPU).score(planted_net(), planted_data(8, seed=0))
 
 
 def test_api_saves_an_adopted_models_defense_that_reloads(tmp_path):

@@ -89,6 +89,6 @@ class CLP:
             criterion=self.name, score_name="standardized Lipschitz bound (std above the layer mean)",
             scores={layer: values.tolist() for layer, values in z.items()}, order=order,
             selected=above(self.u), parameter="u", points=points,
-            settings={"u": self.u, "layers": list(bounds), "data": None}, seconds=seconds,
+            settings={"u": self.u, "layers": list(bounds), "data": None, "seed": None}, seconds=seconds,
             extra={"bounds": {layer: values.tolist() for layer, values in bounds.items()}},
         )

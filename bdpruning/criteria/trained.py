@@ -11,7 +11,7 @@ from torch import nn
 
 from ..datasource import DataLike, data_name
 from ..errors import BdpruningError
-from .base import ChannelScores
+from .base import ChannelScores, conv_layers
 from .channel_masks import check_mask_choice, mask_scores
 
 __all__ = ["TrainedCriterion"]
@@ -42,6 +42,9 @@ class TrainedCriterion:
         from ..lightning_modules.mask_learning import clean_training_data
 
         check_mask_choice(self.threshold, self.count)
+        channels = sum(model.get_submodule(layer).weight.shape[0] for layer in conv_layers(model, self.layers))
+        if self.count is not None and self.count > channels:
+            raise BdpruningError(f"cannot prune the {self.count} lowest masks: the layers have {channels} channels")
         if clean is None:
             raise BdpruningError(f"{self.name.upper()} learns its masks on clean data: give a clean set")
         torch.manual_seed(self.seed)
