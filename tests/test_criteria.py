@@ -61,12 +61,13 @@ class BNNet(nn.Module):
         self.conv_a = nn.Conv2d(3, 6, 3)
         self.bn_a = nn.BatchNorm2d(6)
         self.conv_b = nn.Conv2d(6, 5, 2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(5, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.bn_a(self.conv_a(x / 255)))
-        x = torch.relu(self.conv_b(x)).mean(dim=(2, 3))
-        return self.head(x)
+        x = torch.relu(self.conv_b(x))
+        return self.head(torch.flatten(self.pool(x), 1))
 
 
 def _bn_net() -> nn.Module:
@@ -246,3 +247,20 @@ def test_training_criteria_run_data_parallel(name):
     scores = criterion.score(planted_net(), planted_data(128, seed=0))
     assert BACKDOOR in scores.selection()["features"] and scores.settings["devices"] == 2
     assert scores.settings.get("iterations_run", 10) == 10 and scores.settings.get("unlearn_epochs_run", 2) >= 1
+
+
+def test_a_criterions_choice_across_layers_compacts_exactly():
+    """CLP's choice on two conv layers (one followed by a BatchNorm), pruned then removed for
+    real: in float64 the compact model computes what the masked one does."""
+    model = bdpruning.adopt(_bn_net().double(), outputs="logits", example=torch.zeros(1, 3, 8, 8, dtype=torch.float64))
+    scores = CLP(u=0.0).score(model)
+    assert len(scores.selection()) == 2
+    masked = copy.deepcopy(model)
+    for layer, channels in scores.selection().items():
+        bdpruning.prune_channels(masked, layer, channels)
+    images = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 255
+    compact = copy.deepcopy(masked)
+    bdpruning.compact_model(compact)
+    with torch.no_grad():
+        torch.testing.assert_close(compact(images), masked(images), rtol=0, atol=1e-12)
+    assert compact.conv_a.out_channels == 6 - len(scores.selection()["conv_a"])
