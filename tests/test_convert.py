@@ -149,7 +149,7 @@ def test_parity_fails_a_conversion_with_one_weight_off_by_1e3(bd_weights, face_i
     """Forced, not left to round-off: the output weight from the face's most active hidden unit
     to its top-1 class moves that logit by 1e-3 * activation, far beyond the bound."""
     from bdpruning.convert.keras_to_onnx import load_keras, to_onnx
-    from bdpruning.convert.pipeline import check_parity
+    from bdpruning.workflows.convert import check_parity
     from bdpruning.keras_h5 import deepid_from_keras
     from bdpruning.modelio import onnx_to_torch
 

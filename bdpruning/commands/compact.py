@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..compact_run import compact_directory
+    from ..workflows.compact import compact_directory
 
     report = compact_directory(args.model, args.out, layer=args.layer, data=args.data, samples=args.samples,
                                seed=args.seed, tolerance=args.tolerance, force=args.force, tf32=args.tf32)

@@ -47,7 +47,7 @@ def _summary(report: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Convert, print the parity table; return 1 when parity is outside the tolerance."""
-    from ..convert.pipeline import convert_keras
+    from ..workflows.convert import convert_keras
 
     report = convert_keras(
         args.model, args.out, tolerance=args.tolerance, data=args.data, images=args.images,

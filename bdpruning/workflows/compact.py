@@ -17,14 +17,14 @@ from dataclasses import asdict
 
 import numpy as np
 
-from .atomic import atomic_dir, prepare_out_dir
-from .compaction import compact_model, model_cost
-from .convert import parity
-from .errors import BdpruningError
-from .loading import load_model
-from .modelio import ONNX_FILE, save_model_dir
-from .models import model_info
-from .precision import precision_context
+from ..atomic import atomic_dir, prepare_out_dir
+from ..compaction import compact_model, model_cost
+from ..convert import parity
+from ..errors import BdpruningError
+from ..loading import load_model
+from ..modelio import ONNX_FILE, save_model_dir
+from ..models import model_info
+from ..precision import precision_context
 
 __all__ = ["DEFAULT_TOLERANCE", "DEFAULT_SAMPLES", "compact_directory"]
 

@@ -24,13 +24,12 @@ import numpy as np
 from torch import nn
 
 from ..atomic import atomic_dir, prepare_out_dir
+from ..convert import parity
 from ..errors import BdpruningError
 from ..images import read_images
 from ..keras_h5 import KerasH5, deepid_from_keras, fits_deepid, image_input_shape, read_keras_h5
 from ..modelio import ONNX_OPSET, onnx_to_torch, save_model_dir
-from ..models import ModelInfo, attach_info
-from ..models import DeepID
-from . import parity
+from ..models import DeepID, ModelInfo, attach_info
 
 __all__ = ["DEFAULT_SAMPLES", "REPORT", "check_parity", "convert_keras"]
 
@@ -171,7 +170,7 @@ def convert_keras(
     hint = deepid.num_classes if deepid is not None else None
     batch, inputs = _parity_inputs(shape, hint, data, images, samples, seed)
 
-    from .keras_to_onnx import load_keras, to_onnx, toolchain_versions  # TensorFlow from here on
+    from ..convert.keras_to_onnx import load_keras, to_onnx, toolchain_versions  # TensorFlow from here on
 
     keras_model = load_keras(source, h5)
     num_classes = int(keras_model.outputs[0].shape[-1])
