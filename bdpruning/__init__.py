@@ -23,11 +23,11 @@ from .modelio import save_model_dir
 from .models import DeepID, ModelInfo, adopt, model_info
 from .compaction import compact_model, model_cost
 from .precision import precision_context
-from .pruning_run import save_repaired
+from .workflows.prune import save_repaired
 from .sweep import SweepResult, run_sweep
 from .criteria import ANP, CLP, RNP, MeanActivation
 from .defense import DefenseResult, run_defense
-from .defense_run import save_defense
+from .workflows.defend import save_defense
 
 __all__ = [
     "ANP",

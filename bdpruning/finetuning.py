@@ -1,9 +1,9 @@
 """Fine-pruning: fine-tune a repaired model B' on clean data with its pruned channels held at zero.
 
-The pieces here work without Lightning: the loss on softmax outputs, the optimizer, freezing the
-pruned channels with masks (:func:`keep_pruned_at_zero`), the per-epoch history, and writing a
-run's directory. The training loop itself is
-:func:`bdpruning.lightning_modules.finetune.finetune_model`::
+The pieces here work without Lightning: the loss by the model's output contract, the optimizer,
+freezing the pruned channels with masks (:func:`keep_pruned_at_zero`) and the per-epoch history; a
+run's directory is written by :func:`bdpruning.workflows.finetune.save_finetune_run`. The
+training loop itself is :func:`bdpruning.lightning_modules.finetune.finetune_model`::
 
     from bdpruning.lightning_modules.finetune import finetune_model
     result = finetune_model(load_model("repaired_4pct"), "clean_valid.h5", epochs=5,
@@ -13,25 +13,18 @@ run's directory. The training loop itself is
 
 from __future__ import annotations
 
-import csv
-import json
 import math
-import os
 import weakref
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .atomic import atomic_dir, prepare_out_dir
 from .errors import BdpruningError
-from .keras_h5 import write_keras_copy
 from .masks import masked_channels, prune_channels, pruned_layers
 from .metrics import EVALUATION_COUNTS, evaluation_rates
-from .modelio import save_model_dir
 from .models import model_info
 from .outputs import logits_model
 
@@ -45,7 +38,7 @@ __all__ = [
     "check_finetune_settings",
     "keep_pruned_at_zero",
     "history_rows",
-    "save_finetune_run",
+    "HISTORY_COLUMNS",
 ]
 
 #: Optimizers :func:`make_optimizer` builds (SGD with momentum 0.9).
@@ -169,32 +162,3 @@ class FinetuneResult:
                 "seconds": self.seconds, "before": self.before, "after": self.after, "history": self.history}
 
 
-def _write_history_csv(rows: Sequence[dict], path: Path) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
-
-
-def save_finetune_run(result: FinetuneResult, out: str | os.PathLike[str], force: bool = False) -> Path:
-    """Write ``out`` atomically: the fine-tuned model as a bdpruning model directory (so
-    ``load_model(out)`` and ``bdprune goodnet --repaired out`` take it) plus ``finetune.json``,
-    ``finetune.csv`` and ``finetune.png`` (clean accuracy and ASR per epoch), and ``model.h5``
-    when the model came from a DeepID Keras file (its layout, pruned channels zeroed)."""
-    from .plots import plot_finetune
-
-    out = prepare_out_dir(out, force)
-    summary = result.summary()
-    record = {key: summary[key] for key in (*result.extra, "settings", "sets")}
-    record.update(before=_rates(result.before), after=_rates(result.after))
-    with atomic_dir(out) as directory:
-        save_model_dir(result.model, directory, extra={"finetuned": record})
-        (directory / "finetune.json").write_text(json.dumps(summary, indent=2) + "\n")
-        _write_history_csv(result.history, directory / "finetune.csv")
-        plot_finetune(result.history, directory / "finetune.png")
-        write_keras_copy(result.model, directory / "model.h5")
-    return out
-
-
-def _rates(row: dict) -> dict:
-    return {key: row[key] for key in ("clean_accuracy", "attack_success_rate")}

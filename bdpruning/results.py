@@ -54,9 +54,9 @@ def summary_dict(result: SweepResult, extra: dict | None = None) -> dict:
 
 
 def write_rows_csv(rows: list[dict], path: str | os.PathLike[str], columns: list[str]) -> None:
-    """Write ``rows`` as CSV with ``columns`` (None written as an empty cell)."""
+    """Write ``rows`` as CSV with ``columns`` (None written as an empty cell, other keys left out)."""
     with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
 

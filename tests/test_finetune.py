@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bdpruning import BdpruningError, GoodNet, adopt, find_layer, load_model, save_model_dir
-from bdpruning.finetuning import finetune_loss, log_probabilities, save_finetune_run
+from bdpruning.finetuning import finetune_loss, log_probabilities
+from bdpruning.workflows.finetune import save_finetune_run
 from bdpruning.lightning_modules.finetune import finetune_model
 from bdpruning.masks import masked_channels, plain_state_dict, prune_channels, pruned_layers
 from bdpruning.models import DeepID

@@ -59,7 +59,8 @@ def _print_table(result) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..atomic import prepare_out_dir
     from ..errors import BdpruningError, file_error
-    from ..finetuning import keep_pruned_at_zero, save_finetune_run
+    from ..finetuning import keep_pruned_at_zero
+    from ..workflows.finetune import save_finetune_run
     from ..lightning_modules.finetune import finetune_model
     from ..loading import load_model
 

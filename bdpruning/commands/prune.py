@@ -101,7 +101,7 @@ def make_criterion(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..pruning_run import prune_model
+    from ..workflows.prune import prune_model
 
     torch.manual_seed(args.seed)
     if args.criterion != "activation":
@@ -138,7 +138,7 @@ def _print_thresholds(entries: list[dict]) -> None:
 
 
 def _run_criterion(args: argparse.Namespace) -> int:
-    from ..defense_run import defend_model
+    from ..workflows.defend import defend_model
 
     criterion = make_criterion(args)
     summary = defend_model(

@@ -19,11 +19,11 @@ from typing import Sequence
 
 from torch import nn
 
-from .atomic import atomic_dir, prepare_out_dir
-from .criteria.base import Criterion
-from .defense import DefenseResult, run_defense
-from .pruning_run import load_inputs, save_pruned_copy
-from .results import threshold_dirname, write_rows_csv
+from ..atomic import atomic_dir, prepare_out_dir
+from ..criteria.base import Criterion
+from ..defense import DefenseResult, run_defense
+from .prune import load_inputs, save_pruned_copy
+from ..results import threshold_dirname, write_rows_csv
 
 __all__ = ["chosen_dirname", "defend_model", "save_defense", "write_defense_results", "save_defense_models"]
 
@@ -135,8 +135,8 @@ def save_defense(result: DefenseResult, model: nn.Module, out: str | os.PathLike
 
     Raises :class:`~bdpruning.BdpruningError` when ``out`` exists (unless ``force``) or the
     model has no bdpruning record (see :func:`bdpruning.adopt`)."""
-    from . import plots
-    from .models import model_info
+    from .. import plots
+    from ..models import model_info
 
     out = prepare_out_dir(out, force)
     model_info(model)  # refuse an unrecorded model before anything is written

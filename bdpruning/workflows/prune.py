@@ -10,15 +10,15 @@ from typing import Sequence
 
 from torch import nn
 
-from .atomic import atomic_dir, prepare_out_dir
-from .data import H5ImageSet, read_h5_dataset
-from .keras_h5 import write_keras_copy
-from .loading import load_model
-from .masks import prune_channels
-from .modelio import save_model_dir
-from .models import model_info
-from .results import threshold_dirname, write_sweep_results
-from .sweep import SweepResult, run_sweep
+from ..atomic import atomic_dir, prepare_out_dir
+from ..data import H5ImageSet, read_h5_dataset
+from ..keras_h5 import write_keras_copy
+from ..loading import load_model
+from ..masks import prune_channels
+from ..modelio import save_model_dir
+from ..models import model_info
+from ..results import threshold_dirname, write_sweep_results
+from ..sweep import SweepResult, run_sweep
 
 __all__ = ["load_inputs", "prune_model", "save_pruned_copy", "save_repaired", "save_repaired_models"]
 
@@ -102,11 +102,11 @@ def prune_model(
     data-parallel under Lightning with the same result
     (:func:`bdpruning.lightning_modules.sweep.distributed_sweep`); the extra processes return None.
     """
-    from . import plots
+    from .. import plots
 
     distributed = bool(trainer_options) and trainer_options.get("devices", 1) > 1
     if distributed:
-        from .lightning_modules.sweep import distributed_sweep
+        from ..lightning_modules.sweep import distributed_sweep
     out = prepare_out_dir(out, force)
     model, clean, poisoned = load_inputs(model_path, clean_valid, poisoned_valid, "cpu" if distributed else device)
     if distributed:
