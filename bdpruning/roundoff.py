@@ -18,15 +18,15 @@ independent and mean-zero, so they add in quadrature; the worst case ``n u`` is 
 adversarial inputs). Errors made in successive layers add up along the longest path from the
 input to the output, so ``n`` is the network's *accumulation depth* ``N``: the sum of the
 fan-ins (``in_channels * kh * kw`` for a convolution, ``in_features`` for a dense layer, 1 for an
-elementwise op) along the deepest path (:func:`accumulation_depth`; DeepID: 48 + 180 + 360 +
-240 + 960 + 160 + 3 = 1951). A backend fails when some logit difference is off by more than
-``2 * LAMBDA * sqrt(N) * u * S`` (two logits, each within ``LAMBDA sqrt(N) u S``), a probability
-by more than the softmax bound, or when its top-1 differs from the reference's on an
-input whose float64 top-2 margin exceeds ``2 delta``, where round-off cannot swap the two.
-``LAMBDA = 8`` makes a false failure from round-off practically impossible (the probability
-that a sum of independent roundings exceeds 8 of its standard deviations is below 1e-14);
-measured errors on the course's real DeepIDs stay below 12 u S, where the bound for DeepID
-is 707 u S, while a wrong weight moves the logits by orders of magnitude more.
+elementwise op) along the deepest path (:func:`accumulation_depth`; 1,959 for DeepID). A
+backend fails when some logit difference is off by more than ``2 * LAMBDA * sqrt(N) * u * S``
+(two logits, each within ``delta = LAMBDA sqrt(N) u S``), a probability by more than the softmax
+bound, or when its top-1 differs from the reference's on an input whose float64 top-2 margin
+exceeds ``2 delta``, where round-off cannot swap the two. A rounding error is spread evenly
+within ``+-u`` (standard deviation ``u / sqrt(3)``), so ``LAMBDA = 4`` is about 7 standard
+deviations of the sum: a false failure from round-off is practically impossible. Measured on the
+course's real DeepIDs: at most 16 u S, where the bound for DeepID is 354 u S, while a weight
+off by 1e-3 moves a logit by far more (tested).
 
 Used by ``bdprune convert``'s parity check (:mod:`bdpruning.convert.parity`) and by tests that
 must hold on any machine: two float32 computations of the same function may disagree on a

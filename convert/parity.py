@@ -1,37 +1,9 @@
-"""Numerical parity that tells float32 round-off from a conversion error.
+"""Numerical parity: the same NCHW 0..255 images through Keras, onnxruntime and PyTorch.
 
-The judgement itself (the float64 reference and the bound) lives in :mod:`bdpruning.roundoff`;
-this module runs each backend (Keras, onnxruntime, PyTorch) on the same images.
-
-The reference is a float64 evaluation of the converted weights. Every backend (Keras,
-onnxruntime, the onnx2torch module, the named DeepID) runs in float32 and is measured against
-it, in two ways:
-
-* **logits**, relative to the input's largest logit ``S = max_i |z_i|``, in float32 units
-  ``u = 2**-24``. A backend that returns probabilities is read through its log-probabilities:
-  ``log p_i - log p_t = z_i - z_t`` (``t`` the reference's top-1), on the classes whose
-  probability is representable (``p > 1e-30`` in both).
-* **softmax**, against the bound that the logit bound implies: if every logit is off by at most
-  ``delta``, every probability ``p`` moves by at most ``min(p, 1 - p) * (exp(2 delta) - 1)``;
-  the softmax's own sum of ``C`` exponentials and its division add ``(LAMBDA sqrt(C) + 4) u p``.
-
-**The bound.** A float32 inner product of length ``n`` has a relative error of order
-``sqrt(n) u`` (probabilistic rounding-error analysis, Higham & Mary 2019: rounding errors are
-independent and mean-zero, so they add in quadrature; the worst case ``n u`` is reached only by
-adversarial inputs). Errors made in successive layers add up along the longest path from the
-input to the output, so ``n`` is the network's *accumulation depth* ``N``: the sum of the
-fan-ins (``in_channels * kh * kw`` for a convolution, ``in_features`` for a dense layer, 1 for an
-elementwise op) along the deepest path (:func:`accumulation_depth`; DeepID: 48 + 180 + 360 +
-240 + 960 + 160 + 3 = 1951). A backend fails when some logit difference is off by more than
-``2 * LAMBDA * sqrt(N) * u * S`` (two logits, each within ``LAMBDA sqrt(N) u S``), a probability
-by more than the softmax bound, or when its top-1 differs from the reference's on an
-input whose float64 top-2 margin exceeds ``2 delta``, where round-off cannot swap the two.
-``LAMBDA = 8`` makes a false failure from round-off practically impossible (the probability
-that a sum of independent roundings exceeds 8 of its standard deviations is below 1e-14);
-measured errors on the course's real DeepIDs stay below 12 u S, where the bound for DeepID
-is 707 u S, while a wrong weight moves the logits by orders of magnitude more.
-
-Inputs come from a data set or seeded random pixels (image files: :mod:`bdpruning.images`).
+Each backend returns its outputs as numpy arrays; the judgement (a float64 reference of the
+converted weights and a round-off bound from the network's depth and width) lives in
+:mod:`bdpruning.roundoff`. Inputs come from a data set or seeded random pixels (image files:
+:mod:`bdpruning.images`).
 """
 
 from __future__ import annotations
