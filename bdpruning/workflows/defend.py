@@ -1,5 +1,5 @@
 """``bdprune prune --criterion clp|anp|rnp`` as one call: load, score, sweep, write results,
-repaired models and plots. The lab's criterion (``activation``) keeps :mod:`.pruning_run`.
+repaired models and plots. The lab's criterion (``activation``) keeps :mod:`.prune`.
 
 The output directory holds ``criterion.json`` (the criterion's settings, seed, wall time,
 every channel's score and its order), ``sweep.csv`` / ``sweep.json`` (one row per evaluated
