@@ -146,8 +146,9 @@ def plot_tradeoff(rows: Sequence[dict], path: str | os.PathLike[str]) -> None:
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for row in rows:
         ax.scatter(row["attack_success_rate"], row["clean_accuracy"], s=40)
+        right = row["attack_success_rate"] > 50  # labels stay inside the axes
         ax.annotate(row["method"], (row["attack_success_rate"], row["clean_accuracy"]), fontsize=8,
-                    xytext=(4, 4), textcoords="offset points")
+                    xytext=(-4 if right else 4, 4), textcoords="offset points", ha="right" if right else "left")
     ax.set_xlabel("attack success rate (%)")
     ax.set_ylabel("clean accuracy (%)")
     ax.set_xlim(-2, 102)
