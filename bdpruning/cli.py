@@ -53,9 +53,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # other libraries log at WARNING and above; -v shows bdpruning's own debug messages only
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("bdpruning").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    import torch
+
     from .threads import configure_threads
 
     cpu_processes = getattr(args, "devices", 1) if getattr(args, "accelerator", None) == "cpu" else 1
+    threads = torch.get_num_threads()  # given back on return: main() also runs in-process (tests)
     configure_threads(max(1, cpu_processes or 1))  # every core given, shared by DDP's CPU processes
     try:
         return int(command.run(args) or 0)
@@ -65,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"bdprune {name}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":
