@@ -17,19 +17,10 @@ import torch
 from torch import nn
 
 from ..data import read_h5_dataset
-from ..roundoff import (LAMBDA, UNIT_ROUNDOFF, BackendParity, Reference, accumulation_depth,  # noqa: F401
-                        float64_reference, measure)
 
 __all__ = [
     "Agreement",
     "compare",
-    "LAMBDA",
-    "UNIT_ROUNDOFF",
-    "BackendParity",
-    "Reference",
-    "accumulation_depth",
-    "float64_reference",
-    "measure",
     "random_images",
     "dataset_images",
     "keras_probs",

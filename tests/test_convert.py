@@ -20,7 +20,7 @@ from bdpruning import DeepID, load_model, save_model_dir
 from bdpruning.atomic import atomic_dir
 from bdpruning.cli import main
 from bdpruning.compaction import compact_model
-from bdpruning.convert import parity
+from bdpruning import roundoff
 from conftest import CLEAN_IMAGE, POISONED_IMAGE, PRUNED_2PCT_CHANNELS, ROOT, SHARED, noisy_faces, write_h5_set
 
 pytestmark = pytest.mark.tensorflow
@@ -110,8 +110,8 @@ def test_weights_file_converts_and_every_backend_is_within_round_off(bd_weights,
     with torch.inference_mode():
         probs, onnx_probs = model(face_images), from_onnx(face_images)
     assert probs.argmax(1).tolist() == [860, 0] and onnx_probs.argmax(1).tolist() == [860, 0]
-    reference = parity.float64_reference(model, face_images.numpy())
-    assert parity.measure(reference, onnx_probs.numpy()).explained_by_round_off
+    reference = roundoff.float64_reference(model, face_images.numpy())
+    assert roundoff.measure(reference, onnx_probs.numpy()).explained_by_round_off
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in MODELS.glob("*.h5")) or ["(none)"])
@@ -160,7 +160,7 @@ def test_parity_fails_a_conversion_with_one_weight_off_by_1e3(bd_weights, face_i
     with torch.inference_mode():
         hidden = _hidden_activations(deepid, face_images)[0]
     unit, target = int(hidden.argmax()), 860
-    reference = parity.float64_reference(deepid, images)
+    reference = roundoff.float64_reference(deepid, images)
     assert hidden[unit] * 1e-3 > 10 * reference.logit_bound[0] * 2  # the shift dwarfs the bound
 
     right = check_parity(keras_model, onnx_bytes, onnx_to_torch(onnx.load_from_string(onnx_bytes), "x"), deepid, images)

@@ -24,6 +24,7 @@ import numpy as np
 from torch import nn
 
 from ..atomic import atomic_dir, prepare_out_dir
+from .. import roundoff
 from ..convert import parity
 from ..errors import BdpruningError
 from ..images import read_images
@@ -88,7 +89,7 @@ def check_parity(
 
     with precision_context(tf32=False):
         saved = deepid if deepid is not None else graph_module
-        reference = parity.float64_reference(saved, images)
+        reference = roundoff.float64_reference(saved, images)
         outputs = {"keras": parity.keras_probs(keras_model, images),
                    "onnxruntime": parity.onnxruntime_probs(parity.onnxruntime_session(onnx_bytes), images),
                    "onnx2torch": parity.torch_probs(graph_module, images)}
@@ -97,7 +98,7 @@ def check_parity(
     keras = outputs["keras"]
     backends, failures = {}, []
     for name, values in outputs.items():
-        measured = parity.measure(reference, values)
+        measured = roundoff.measure(reference, values)
         backends[name] = measured.as_dict()
         if name != "keras":
             vs_keras = parity.compare(keras, values)
@@ -124,9 +125,9 @@ def check_parity(
         "reference": {
             "what": f"float64 evaluation of the converted {'DeepID' if deepid is not None else 'onnx2torch'} module",
             "accumulation_depth": reference.accumulation_depth,
-            "lambda": parity.LAMBDA,
-            "unit_roundoff": parity.UNIT_ROUNDOFF,
-            "logit_bound_units": 2 * parity.LAMBDA * reference.accumulation_depth ** 0.5,
+            "lambda": roundoff.LAMBDA,
+            "unit_roundoff": roundoff.UNIT_ROUNDOFF,
+            "logit_bound_units": 2 * roundoff.LAMBDA * reference.accumulation_depth ** 0.5,
             "median_logit_scale": float(np.median(reference.scale)),
             "largest_logit_scale": float(reference.scale.max()),
         },
