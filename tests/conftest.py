@@ -27,7 +27,8 @@ PRUNED_2PCT_CHANNELS = [0, 1, 2, 3, 6, 9, 12, 13, 14, 15, 17, *range(19, 28), *r
                         *range(36, 46), *range(47, 52), 53, 55, 58, 59]
 
 
-def _need(path: Path) -> Path:
+def need_shared(path: Path) -> Path:
+    """``path`` in ../shared, or a skip with the reason (CI has the material)."""
     if not path.exists():
         pytest.skip(f"{path} is absent: the real Lab-3 material lives in ../shared (CI has it)")
     return path
@@ -35,18 +36,18 @@ def _need(path: Path) -> Path:
 
 @pytest.fixture
 def bd_weights() -> Path:
-    return _need(BD_WEIGHTS)
+    return need_shared(BD_WEIGHTS)
 
 
 @pytest.fixture
 def pruned_full() -> Path:
-    return _need(PRUNED_FULL)
+    return need_shared(PRUNED_FULL)
 
 
 @pytest.fixture
 def face_images() -> torch.Tensor:
     """The clean and the sunglasses image as a float (2, 3, 55, 47) batch in 0..255."""
-    arrays = [np.asarray(Image.open(_need(p)).convert("RGB")) for p in (CLEAN_IMAGE, POISONED_IMAGE)]
+    arrays = [np.asarray(Image.open(need_shared(p)).convert("RGB")) for p in (CLEAN_IMAGE, POISONED_IMAGE)]
     return torch.tensor(np.stack(arrays), dtype=torch.float32).permute(0, 3, 1, 2).contiguous()
 
 
@@ -103,7 +104,7 @@ def rule(bd: nn.Module, repaired: nn.Module, images: torch.Tensor) -> list[int]:
 def nets() -> tuple[nn.Module, nn.Module]:
     """B (the Lab-3 BadNet) and B' (its real 2 % repair)."""
     for path in (BD_WEIGHTS, PRUNED_FULL):
-        _need(path)
+        need_shared(path)
     return load_model(BD_WEIGHTS, device="cpu"), load_model(PRUNED_FULL, device="cpu")
 
 

@@ -21,16 +21,10 @@ from bdpruning.atomic import atomic_dir
 from bdpruning.cli import main
 from bdpruning.compaction import compact_model
 from bdpruning import roundoff
-from conftest import CLEAN_IMAGE, POISONED_IMAGE, PRUNED_2PCT_CHANNELS, ROOT, SHARED, noisy_faces, write_h5_set
+from conftest import CLEAN_IMAGE, POISONED_IMAGE, PRUNED_2PCT_CHANNELS, ROOT, SHARED, need_shared, noisy_faces, write_h5_set
 
 pytestmark = pytest.mark.tensorflow
 MODELS = SHARED / "models"
-
-
-def _need_shared(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"{path} is absent: the real models live in ../shared (CI has it)")
-    return path
 
 
 def _keras():
@@ -118,7 +112,7 @@ def test_weights_file_converts_and_every_backend_is_within_round_off(bd_weights,
 def test_every_real_deepid_converts_on_real_and_random_images(name, tmp_path, capsys):
     """All of ../shared/models, the ill-conditioned contest net included: exit 0 on real images
     and on the random fallback, each backend within round-off of the float64 reference."""
-    source = _need_shared(MODELS / name)
+    source = need_shared(MODELS / name)
     for kind, options in (("real", ["--images", str(CLEAN_IMAGE), str(POISONED_IMAGE)]), ("random", [])):
         out = tmp_path / kind
         assert _convert(source, out, *options) == 0, capsys.readouterr().err
