@@ -49,12 +49,13 @@ def prune_channels(model: nn.Module, layer: str, channels: Iterable[int], *,
     keep = torch.ones(count, device=module.weight.device)
     keep[channels] = 0
     _mask(module, keep)
+    if batchnorm is False:  # the graph is not traced when it would not be used
+        return model
     norm = following_batchnorm(model, name)
-    if batchnorm is None or batchnorm:
-        if norm is not None:
-            _mask(model.get_submodule(norm), keep)
-        elif batchnorm:
-            raise BdpruningError(f"no BatchNorm directly follows {name!r}")
+    if norm is not None:
+        _mask(model.get_submodule(norm), keep)
+    elif batchnorm:
+        raise BdpruningError(f"no BatchNorm directly follows {name!r}")
     return model
 
 
