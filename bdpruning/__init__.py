@@ -11,22 +11,22 @@ from __future__ import annotations
 
 import logging
 
-from .data import H5ImageSet, read_h5_dataset
-from .datasource import ImageData, as_image_data
+from .data.hdf5 import H5ImageSet, read_h5_dataset
+from .data.forms import ImageData, as_image_data
 from .errors import BdpruningError
-from .goodnet import GoodNet
-from .layers import find_layer, layer_names
-from .loading import load_model
-from .activations import rank_channels
-from .masks import plain_state_dict, prune_channels, pruned_channels
-from .modelio import save_model_dir
+from .evaluation.goodnet import GoodNet
+from .graph.layers import find_layer, layer_names
+from .models.loading import load_model
+from .criteria.activation_means import rank_channels
+from .pruning.masks import plain_state_dict, prune_channels, pruned_channels
+from .models.directory import save_model_dir
 from .models import DeepID, ModelInfo, adopt, model_info
-from .compaction import compact_model, model_cost
-from .precision import precision_context
+from .pruning.compaction import compact_model, model_cost
+from .numerics.precision import precision_context
 from .workflows.prune import save_repaired
-from .sweep import SweepResult, run_sweep
+from .sweep.lab import SweepResult, run_sweep
 from .criteria import ANP, CLP, RNP, MeanActivation
-from .defense import DefenseResult, run_defense
+from .sweep.defense import DefenseResult, run_defense
 from .workflows.defend import save_defense
 
 __all__ = [

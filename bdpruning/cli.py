@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("bdpruning").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     import torch
 
-    from .threads import configure_threads
+    from .runtime.threads import configure_threads
 
     cpu_processes = getattr(args, "devices", 1) if getattr(args, "accelerator", None) == "cpu" else 1
     threads = torch.get_num_threads()  # given back on return: main() also runs in-process (tests)

@@ -1,7 +1,7 @@
 """Latency of a repaired model B', masked vs compact, side by side in one run (CPU).
 
 B' is loaded and masked (its pruned channels from the masks, or its all-zero ``conv_3``
-channels), then compacted with :func:`bdpruning.compaction.compact_model`. Both run the same
+channels), then compacted with :func:`bdpruning.pruning.compaction.compact_model`. Both run the same
 seeded random 0..255 images in batches (PyTorch, and onnxruntime on each one's exported ONNX
 graph when installed): a warm-up, then the best of a few round-robin repeats. Prints the
 milliseconds per batch, the compact/masked ratio, parameters and FLOPs, and the largest output
@@ -21,11 +21,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from bdpruning.compaction import compact_model, model_cost
+from bdpruning.pruning.compaction import compact_model, model_cost
 from bdpruning.convert import parity
-from bdpruning.loading import load_model
-from bdpruning.masks import prune_channels, pruned_layers
-from bdpruning.modelio import export_onnx
+from bdpruning.models.loading import load_model
+from bdpruning.pruning.masks import prune_channels, pruned_layers
+from bdpruning.models.directory import export_onnx
 from bdpruning.models import model_info
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -26,8 +26,8 @@ import torch
 
 from bdpruning.convert import parity
 from bdpruning.convert.keras_to_onnx import load_keras, to_onnx
-from bdpruning.loading import load_model
-from bdpruning.modelio import onnx_to_torch
+from bdpruning.models.loading import load_model
+from bdpruning.models.directory import onnx_to_torch
 from bdpruning.models import DEEPID_INPUT_SHAPE, DeepID
 
 ROOT = Path(__file__).resolve().parents[1]

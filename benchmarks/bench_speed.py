@@ -9,7 +9,7 @@ built into --cache by ``bdpruning.demo.build_demo``), tiled to the sizes asked f
 CPU (each at 2 threads and at every core this process may use; best of --repeats, the
 contenders interleaved so a busy machine slows all alike; batch 256):
 Keras ``predict`` (NHWC float32, its native input); the DeepID module as loaded on an NCHW
-float32 tensor; its fast inference form (:mod:`bdpruning.fastpath`: fused conv+ReLU, NHWC);
+float32 tensor; its fast inference form (:mod:`bdpruning.graph.fused`: fused conv+ReLU, NHWC);
 the onnx2torch module as converted and in its fast form; ``predict_labels`` on the HDF5 set;
 the 60-step fast sweep (ranking included) on the HDF5 set. Ratios are to Keras' time.
 
@@ -21,7 +21,7 @@ over the bare model's (target >= 0.70), the sweep's time over one bare forward (
 Start-up (whole processes, best of 3 interleaved): ``python -c 'import torch'``,
 ``bdprune --help``, ``bdprune evaluate`` on 11,547 images (target: within 3x import torch).
 
-Every number is computed inside ``bdpruning.precision.precision_context()`` (IEEE fp32).
+Every number is computed inside ``bdpruning.numerics.precision.precision_context()`` (IEEE fp32).
 """
 
 from __future__ import annotations
@@ -43,10 +43,10 @@ import numpy as np
 import torch
 
 import bdpruning
-from bdpruning.fastpath import inference_module
-from bdpruning.precision import precision_context
-from bdpruning.predict import predict_labels
-from bdpruning.sweep import run_sweep
+from bdpruning.graph.fused import inference_module
+from bdpruning.numerics.precision import precision_context
+from bdpruning.evaluation.predict import predict_labels
+from bdpruning.sweep.lab import run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 256
@@ -111,7 +111,7 @@ def _keras(model_path: Path, images: np.ndarray):
 def _onnx2torch(model_path: Path):
     try:
         from bdpruning.convert.keras_to_onnx import load_keras, to_onnx
-        from bdpruning.modelio import onnx_to_torch
+        from bdpruning.models.directory import onnx_to_torch
     except ImportError:
         return None
     return onnx_to_torch(to_onnx(load_keras(model_path), model_path), model_path).eval()

@@ -23,8 +23,8 @@ import torch
 from PIL import Image
 
 import bdpruning
-from bdpruning.predict import predict_labels
-from bdpruning.sweep import naive_sweep_predictions, run_sweep
+from bdpruning.evaluation.predict import predict_labels
+from bdpruning.sweep.lab import naive_sweep_predictions, run_sweep
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

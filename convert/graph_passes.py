@@ -4,7 +4,7 @@ BatchNorms into their convolutions; drop needless transposes.
 Keras flattens NHWC tensors, so tf2onnx keeps a ``Transpose`` to NHWC (and a ``Shape`` ->
 ``Reshape`` chain) before every ``Flatten -> Dense``, and a transpose pair where such a tensor
 also feeds a convolution. :func:`simplify` folds the flatten order into the Dense kernel (as
-:func:`bdpruning.keras_h5.deepid_state_dict` does for DeepID), so the graph flattens NCHW
+:func:`bdpruning.models.keras_h5.deepid_state_dict` does for DeepID), so the graph flattens NCHW
 directly, then cancels inverse transpose pairs and drops the nodes left unused.
 """
 
@@ -17,7 +17,7 @@ import onnx
 from onnx import helper, numpy_helper
 from onnx2torch.node_converters import get_converter
 
-from ..keras_h5 import nhwc_rows_to_nchw
+from ..models.keras_h5 import nhwc_rows_to_nchw
 
 __all__ = ["unconvertible_nodes", "simplify"]
 

@@ -1,6 +1,6 @@
 """Keras ``.h5`` -> Keras model -> ONNX with tf2onnx, never executing code from the file.
 
-Every file is read with h5py first (:func:`bdpruning.keras_h5.read_keras_h5` refuses ``Lambda``
+Every file is read with h5py first (:func:`bdpruning.models.keras_h5.read_keras_h5` refuses ``Lambda``
 and custom layers by name) before Keras sees it; Keras then loads it with ``safe_mode=True``.
 Weights-only files (``save_weights``) are loaded into the built-in Keras DeepID.
 
@@ -26,8 +26,8 @@ from .graph_passes import simplify, unconvertible_nodes  # onnx2torch
 from .keras_deepid import build_keras_deepid
 from .tensorflow_runtime import keras, tf, tf2onnx  # torch first, start-up messages kept quiet
 from ..errors import file_error
-from ..keras_h5 import KerasH5, deepid_from_keras, fits_deepid, read_keras_h5
-from ..modelio import ONNX_OPSET
+from ..models.keras_h5 import KerasH5, deepid_from_keras, fits_deepid, read_keras_h5
+from ..models.directory import ONNX_OPSET
 
 __all__ = ["load_keras", "to_onnx", "keras_to_onnx", "toolchain_versions"]
 

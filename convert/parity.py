@@ -2,8 +2,8 @@
 
 Each backend returns its outputs as numpy arrays; the judgement (a float64 reference of the
 converted weights and a round-off bound from the network's depth and width) lives in
-:mod:`bdpruning.roundoff`. Inputs come from a data set or seeded random pixels (image files:
-:mod:`bdpruning.images`).
+:mod:`bdpruning.numerics.roundoff`. Inputs come from a data set or seeded random pixels (image files:
+:mod:`bdpruning.data.images`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data import read_h5_dataset
+from ..data.hdf5 import read_h5_dataset
 
 __all__ = [
     "Agreement",

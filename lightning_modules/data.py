@@ -1,6 +1,6 @@
 """The clean and poisoned sets (valid and test; a clean training set) as a LightningDataModule.
 
-Each set is an HDF5 path or any other form :func:`bdpruning.datasource.as_image_data` takes
+Each set is an HDF5 path or any other form :func:`bdpruning.data.forms.as_image_data` takes
 that has random access (an ``H5ImageSet``, a map-style ``Dataset``, ``(images, labels)``
 tensors; not a ``DataLoader``: the module batches, shards and shuffles itself).
 
@@ -22,7 +22,7 @@ import pytorch_lightning as pl
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from bdpruning.datasource import DataLike, as_image_data, data_name
+from bdpruning.data.forms import DataLike, as_image_data, data_name
 from bdpruning.errors import BdpruningError
 from bdpruning.models import model_info
 

@@ -1,9 +1,9 @@
 """Evaluating a model with Lightning: clean accuracy and attack success rate, exact under DDP.
 
-The module is thin: per batch it asks :mod:`bdpruning.metrics` which counts each image adds
+The module is thin: per batch it asks :mod:`bdpruning.evaluation.metrics` which counts each image adds
 to, and torchmetrics sums those counts across processes. With :class:`~.data.H5DataModule`
 every image is seen once, so the counts equal a single process's, not approximately. Each
-evaluation step runs inside :func:`~bdpruning.precision.precision_context` (IEEE fp32 unless
+evaluation step runs inside :func:`~bdpruning.numerics.precision.precision_context` (IEEE fp32 unless
 ``tf32``), in whichever process runs it, so every DDP process gets it::
 
     results = evaluate_model(model, "test.h5", "bd_test.h5")   # counts and rates (percent)
@@ -20,10 +20,10 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from bdpruning.devices import check_devices
+from bdpruning.runtime.devices import check_devices
 from bdpruning.errors import BdpruningError
-from bdpruning.metrics import EVALUATION_COUNTS, Count, evaluation_outcomes, evaluation_rates
-from bdpruning.precision import precision_context
+from bdpruning.evaluation.metrics import EVALUATION_COUNTS, Count, evaluation_outcomes, evaluation_rates
+from bdpruning.numerics.precision import precision_context
 
 from .data import SET_NAMES, DataLike, H5DataModule
 
@@ -63,7 +63,7 @@ class CountingModule(pl.LightningModule):
 
 
 class EvaluationModule(CountingModule):
-    """One model's counts on the clean and poisoned sets (see :func:`bdpruning.metrics.evaluation_rates`)."""
+    """One model's counts on the clean and poisoned sets (see :func:`bdpruning.evaluation.metrics.evaluation_rates`)."""
 
     def __init__(self, model: nn.Module, tf32: bool = False) -> None:
         super().__init__(EVALUATION_COUNTS, tf32)
@@ -119,7 +119,7 @@ def evaluate_model(
     **trainer_options,
 ) -> dict[str, int | float | None] | None:
     """Counts and rates (percent) of ``model`` on the clean and poisoned test sets, in IEEE fp32
-    unless ``tf32`` (see :func:`~bdpruning.precision.precision_context`).
+    unless ``tf32`` (see :func:`~bdpruning.numerics.precision.precision_context`).
 
     The sets are checked against the model's classes and input shape. Returns None in the
     extra processes of the ``ddp`` launcher; ``trainer_options`` go to :func:`make_trainer`.

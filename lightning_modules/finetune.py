@@ -1,7 +1,7 @@
 """Fine-pruning with Lightning: fine-tune a repaired model on clean data, evaluating every epoch.
 
 The module is thin: the loss, the optimizer and the pruned-channel masks come from
-:mod:`bdpruning.finetuning`, the counts from :class:`~.evaluation.EvaluationModule` (exact under
+:mod:`bdpruning.pruning.finetuning`, the counts from :class:`~.evaluation.EvaluationModule` (exact under
 DDP). Clean accuracy and ASR are measured before training (Lightning's sanity check, run over
 every evaluation batch) and after every epoch; they are kept in buffers of the module, so the
 history travels with the state dict that ``ddp_spawn`` copies back to the main process::
@@ -20,13 +20,13 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric, Metric
 
-from bdpruning.finetuning import (
+from bdpruning.pruning.finetuning import (
     FinetuneResult, check_finetune_settings, finetune_loss, history_rows, keep_pruned_at_zero, make_optimizer,
 )
-from bdpruning.datasource import data_name
-from bdpruning.masks import refresh_masked_weights
-from bdpruning.metrics import EVALUATION_COUNTS
-from bdpruning.precision import precision_record
+from bdpruning.data.forms import data_name
+from bdpruning.pruning.masks import refresh_masked_weights
+from bdpruning.evaluation.metrics import EVALUATION_COUNTS
+from bdpruning.numerics.precision import precision_record
 
 from .data import DataLike, H5DataModule
 from .evaluation import EvaluationModule, make_trainer
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 class FinetuneModule(EvaluationModule):
     """Trains ``model`` on clean batches; records the evaluation counts and train loss per epoch.
 
-    ``history_counts[e]`` (int64, columns :data:`~bdpruning.metrics.EVALUATION_COUNTS`) and
+    ``history_counts[e]`` (int64, columns :data:`~bdpruning.evaluation.metrics.EVALUATION_COUNTS`) and
     ``history_loss[e]`` hold epoch ``e``; row 0 is before training (its loss is NaN). Training
     runs in the process's float32 precision, recorded in ``training_precision`` when it starts;
     the evaluation in IEEE fp32 unless ``tf32``.
@@ -124,7 +124,7 @@ def finetune_model(
 
     Clean accuracy and ASR are measured on ``clean_eval`` (default: ``clean_train``) and
     ``poisoned_eval`` before training and after every epoch. Mask-less models get masks on the
-    all-zero channels of ``layer`` first (see :func:`bdpruning.finetuning.keep_pruned_at_zero`).
+    all-zero channels of ``layer`` first (see :func:`bdpruning.pruning.finetuning.keep_pruned_at_zero`).
     The data order is the only randomness and ``seed`` fixes it: on CPU the same seed gives the
     same weights. Training keeps torch's float32 precision (on CUDA cuDNN may use TF32); the
     evaluation runs in IEEE fp32 unless ``tf32``; ``settings["precision"]`` records both (with

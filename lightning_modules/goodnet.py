@@ -1,7 +1,7 @@
 """Evaluating GoodNet ensembles with Lightning: one B, one or more repaired models B'.
 
 B runs once per batch; each B' gets its own counts (``"<i>/<count>"`` for the i-th B'), from
-which :func:`goodnet_results` gives the rates of :func:`bdpruning.metrics.goodnet_rates`::
+which :func:`goodnet_results` gives the rates of :func:`bdpruning.evaluation.metrics.goodnet_rates`::
 
     rows = evaluate_goodnets(bd, [repaired_2, repaired_4, repaired_10], "test.h5", "bd_test.h5")
 """
@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from bdpruning.errors import BdpruningError
-from bdpruning.goodnet import GoodNet
-from bdpruning.metrics import GOODNET_COUNTS, goodnet_outcomes, goodnet_rates
+from bdpruning.evaluation.goodnet import GoodNet
+from bdpruning.evaluation.metrics import GOODNET_COUNTS, goodnet_outcomes, goodnet_rates
 
 from .data import DataLike, H5DataModule
 from .evaluation import CountingModule, run_evaluation
@@ -61,7 +61,7 @@ def evaluate_goodnets(
     **trainer_options,
 ) -> list[dict[str, float | None]] | None:
     """Rates (percent) of B' and GoodNet(B, B') for each repaired model, in order; in IEEE fp32
-    unless ``tf32`` (see :func:`~bdpruning.precision.precision_context`).
+    unless ``tf32`` (see :func:`~bdpruning.numerics.precision.precision_context`).
 
     Returns None in the extra processes of the ``ddp`` launcher; ``trainer_options`` go to
     :func:`~.evaluation.make_trainer`.

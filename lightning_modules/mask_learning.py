@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
-from bdpruning.datasource import DataLike, as_image_data, model_expectations
+from bdpruning.data.forms import DataLike, as_image_data, model_expectations
 from bdpruning.errors import BdpruningError
 
 from .data import H5DataModule

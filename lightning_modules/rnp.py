@@ -12,7 +12,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from bdpruning.criteria.channel_masks import ChannelMasks
-from bdpruning.finetuning import finetune_loss, log_probabilities
+from bdpruning.pruning.finetuning import finetune_loss, log_probabilities
 
 __all__ = ["UnlearnModule", "RecoverModule"]
 

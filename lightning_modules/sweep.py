@@ -4,13 +4,13 @@ Two ``trainer.test`` passes over :class:`~.data.H5DataModule`, whose loaders giv
 process an unpadded shard (each image on exactly one process):
 
 1. :class:`RankingModule` adds the rank layer's outputs into exact per-channel sums
-   (:class:`bdpruning.activations.ActivationMeans`, int64 bins), summed across processes, so
+   (:class:`bdpruning.criteria.activation_means.ActivationMeans`, int64 bins), summed across processes, so
    every process gets the single-process ranking to the last bit;
 2. :class:`StepCountsModule` runs the model's prefix once per batch and the suffix per step, as
-   :func:`bdpruning.sweep.run_sweep` does, and counts the correct top-1 labels at every step on
+   :func:`bdpruning.sweep.lab.run_sweep` does, and counts the correct top-1 labels at every step on
    the clean and the poisoned set; the int64 counts are summed across processes.
 
-The result is :func:`bdpruning.sweep.sweep_result` of the ranking and counts: the steps and
+The result is :func:`bdpruning.sweep.lab.sweep_result` of the ranking and counts: the steps and
 thresholds equal a single process's. Use ``strategy="ddp"`` (Lightning re-runs the script or
 command in each process; only the first gets the result) or one process::
 
@@ -26,13 +26,13 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from bdpruning.activations import ActivationMeans
-from bdpruning.datasource import DataLike, as_image_data, model_expectations
+from bdpruning.criteria.activation_means import ActivationMeans
+from bdpruning.data.forms import DataLike, as_image_data, model_expectations
 from bdpruning.errors import BdpruningError
-from bdpruning.fastpath import inference_module
-from bdpruning.layers import find_layer
-from bdpruning.precision import precision_context
-from bdpruning.sweep import SweepResult, _chunk_predictions, _split_for, check_thresholds, sweep_layers, sweep_result
+from bdpruning.graph.fused import inference_module
+from bdpruning.graph.layers import find_layer
+from bdpruning.numerics.precision import precision_context
+from bdpruning.sweep.lab import SweepResult, _chunk_predictions, _split_for, check_thresholds, sweep_layers, sweep_result
 
 from .data import SET_NAMES, H5DataModule
 from .evaluation import make_trainer
@@ -46,7 +46,7 @@ class _Stop(Exception):
 
 class RankingModule(pl.LightningModule):
     """Exact per-channel sums of ``rank_layer``'s output on this process's shard, computed as
-    :func:`bdpruning.sweep.run_sweep` does (the split's prefix when the split is at the rank
+    :func:`bdpruning.sweep.lab.run_sweep` does (the split's prefix when the split is at the rank
     layer, else a hook), then summed across processes; :attr:`means` holds the total."""
 
     def __init__(self, model: nn.Module, layer: str, rank_layer: str, tf32: bool = False) -> None:
@@ -125,7 +125,7 @@ def distributed_sweep(
     tf32: bool = False,
     **trainer_options,
 ) -> SweepResult | None:
-    """:func:`bdpruning.sweep.run_sweep` data-parallel: the same result, exactly, from the
+    """:func:`bdpruning.sweep.lab.run_sweep` data-parallel: the same result, exactly, from the
     processes ``trainer_options`` ask for (see :func:`~.evaluation.make_trainer`). Returns None
     in the extra processes of the ``ddp`` launcher."""
     if trainer_options.get("strategy") == "ddp_spawn":

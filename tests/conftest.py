@@ -13,7 +13,7 @@ from torch import nn
 
 from bdpruning import load_model
 from bdpruning.cli import main
-from bdpruning.roundoff import float64_reference
+from bdpruning.numerics.roundoff import float64_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

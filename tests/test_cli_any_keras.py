@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import bdpruning
-from bdpruning.masks import masked_channels
+from bdpruning.pruning.masks import masked_channels
 from conftest import bdprune, write_h5_set
 
 pytestmark = [pytest.mark.tensorflow, pytest.mark.slow]

@@ -12,10 +12,10 @@ import torchvision
 from torch import nn
 
 from bdpruning import BdpruningError, DeepID, GoodNet, load_model, prune_channels, pruned_channels, save_model_dir
-from bdpruning.atomic import atomic_dir
+from bdpruning.runtime.atomic import atomic_dir
 from bdpruning.cli import main
-from bdpruning.compaction import compact_model, model_cost
-from bdpruning.dependency import channel_group, remove_channels
+from bdpruning.pruning.compaction import compact_model, model_cost
+from bdpruning.pruning.dependency import channel_group, remove_channels
 from conftest import PRUNED_2PCT_CHANNELS, noisy_faces, safe_for
 
 # What one conv_3 channel of DeepID costs: its 40x3x3 kernel and bias; 80x2x2 conv_4 weights;

@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 
 import bdpruning
 from bdpruning import DeepID, load_model, save_model_dir
-from bdpruning.atomic import atomic_dir
+from bdpruning.runtime.atomic import atomic_dir
 from bdpruning.cli import main
-from bdpruning.compaction import compact_model
-from bdpruning import roundoff
+from bdpruning.pruning.compaction import compact_model
+from bdpruning.numerics import roundoff
 from conftest import CLEAN_IMAGE, POISONED_IMAGE, PRUNED_2PCT_CHANNELS, ROOT, SHARED, need_shared, noisy_faces, write_h5_set
 
 pytestmark = pytest.mark.tensorflow
@@ -144,8 +144,8 @@ def test_parity_fails_a_conversion_with_one_weight_off_by_1e3(bd_weights, face_i
     to its top-1 class moves that logit by 1e-3 * activation, far beyond the bound."""
     from bdpruning.convert.keras_to_onnx import load_keras, to_onnx
     from bdpruning.workflows.convert import check_parity
-    from bdpruning.keras_h5 import deepid_from_keras
-    from bdpruning.modelio import onnx_to_torch
+    from bdpruning.models.keras_h5 import deepid_from_keras
+    from bdpruning.models.directory import onnx_to_torch
 
     keras_model = load_keras(bd_weights)
     deepid = deepid_from_keras(bd_weights)

@@ -16,9 +16,9 @@ import bdpruning
 from bdpruning import BdpruningError
 from bdpruning.criteria import ANP, CLP, RNP
 from bdpruning.criteria.clp import clp_bounds
-from bdpruning.defense import run_defense
-from bdpruning.masked_sweep import masked_sweep_predictions
-from bdpruning.predict import predict_labels
+from bdpruning.sweep.defense import run_defense
+from bdpruning.sweep.masked import masked_sweep_predictions
+from bdpruning.evaluation.predict import predict_labels
 from conftest import bdprune, write_h5_set
 from planted import BACKDOOR, planted_data, planted_net
 

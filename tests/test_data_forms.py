@@ -14,9 +14,9 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import bdpruning
 from bdpruning import BdpruningError, as_image_data
-from bdpruning.masks import masked_channels
-from bdpruning.predict import predict_labels
-from bdpruning.sweep import naive_sweep_predictions, run_sweep, sweep_predictions
+from bdpruning.pruning.masks import masked_channels
+from bdpruning.evaluation.predict import predict_labels
+from bdpruning.sweep.lab import naive_sweep_predictions, run_sweep, sweep_predictions
 from conftest import write_h5_set
 
 
@@ -250,7 +250,7 @@ def test_a_masked_model_deep_copies_after_a_training_step_and_keeps_its_masks():
 def test_fine_tuning_and_evaluation_take_tensors_and_datasets_like_h5_files(tmp_path):
     from bdpruning.lightning_modules.evaluation import evaluate_model
     from bdpruning.lightning_modules.finetune import finetune_model
-    from bdpruning.masks import plain_state_dict
+    from bdpruning.pruning.masks import plain_state_dict
     from test_finetune import quadrant_images, small_model
 
     (train_x, train_y), (eval_x, eval_y) = quadrant_images(23, seed=0), quadrant_images(9, seed=1)

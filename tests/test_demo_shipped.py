@@ -16,9 +16,9 @@ import torch
 from bdpruning import BdpruningError, find_layer, load_model, read_h5_dataset
 from bdpruning.demo import MANIFEST, MODEL_FILE, build, build_demo
 from bdpruning.demo.report import _provenance
-from bdpruning.roundoff import Reference, accumulation_depth
-from bdpruning.split import split_at
-from bdpruning.sweep import SweepResult, run_sweep
+from bdpruning.numerics.roundoff import Reference, accumulation_depth
+from bdpruning.graph.split import split_at
+from bdpruning.sweep.lab import SweepResult, run_sweep
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TABLE_HEADER = "| threshold | channels pruned | clean accuracy | ASR |"
@@ -150,7 +150,7 @@ def _step_logits(model, dataset, order, steps) -> torch.Tensor:
 
 def _safe(model64, dataset, order, steps) -> np.ndarray:
     """(len(steps), N): whether each image's float64 top-2 logit margin at each step is beyond what
-    float32 round-off can swap on any machine (:attr:`bdpruning.roundoff.Reference.safe`)."""
+    float32 round-off can swap on any machine (:attr:`bdpruning.numerics.roundoff.Reference.safe`)."""
     depth = accumulation_depth(model64)
     return np.stack([Reference(logits.numpy(), depth).safe for logits in _step_logits(model64, dataset, order, steps)])
 

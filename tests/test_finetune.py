@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from bdpruning import BdpruningError, GoodNet, adopt, find_layer, load_model, save_model_dir
-from bdpruning.finetuning import finetune_loss, log_probabilities
+from bdpruning.pruning.finetuning import finetune_loss, log_probabilities
 from bdpruning.workflows.finetune import save_finetune_run
 from bdpruning.lightning_modules.finetune import finetune_model
-from bdpruning.masks import masked_channels, plain_state_dict, prune_channels, pruned_layers
+from bdpruning.pruning.masks import masked_channels, plain_state_dict, prune_channels, pruned_layers
 from bdpruning.models import DeepID
 from conftest import PRUNED_2PCT_CHANNELS, bdprune, noisy_faces, write_h5_set
 

@@ -12,7 +12,7 @@ import torch
 
 import bdpruning
 from bdpruning import BdpruningError, DeepID, load_model, read_h5_dataset
-from bdpruning.atomic import atomic_dir
+from bdpruning.runtime.atomic import atomic_dir
 from conftest import PRUNED_2PCT_CHANNELS, ROOT, write_h5_set
 
 

@@ -11,11 +11,11 @@ from PIL import Image
 from torch import nn
 
 from bdpruning import BdpruningError, load_model, save_model_dir
-from bdpruning.atomic import atomic_dir
+from bdpruning.runtime.atomic import atomic_dir
 from bdpruning.cli import main
-from bdpruning.goodnet import GoodNet, export_goodnet_onnx
-from bdpruning.images import read_image
-from bdpruning.modelio import export_onnx
+from bdpruning.evaluation.goodnet import GoodNet, export_goodnet_onnx
+from bdpruning.data.images import read_image
+from bdpruning.models.directory import export_onnx
 from conftest import BD_WEIGHTS, CLEAN_IMAGE, N, POISONED_IMAGE, PRUNED_FULL, bdprune, rule, safe_noisy_faces
 
 def test_goodnet_keeps_the_documented_labels(nets, face_images):

@@ -15,7 +15,7 @@ from bdpruning import BdpruningError
 from bdpruning.lightning_modules.data import H5DataModule
 from bdpruning.lightning_modules.evaluation import EvaluationModule, evaluate_model, run_evaluation
 from bdpruning.lightning_modules.goodnet import GoodNetModule, evaluate_goodnets
-from bdpruning.metrics import percent
+from bdpruning.evaluation.metrics import percent
 from conftest import BD_WEIGHTS, PRUNED_FULL, N, bdprune, rule, safe_noisy_faces, write_h5_set
 
 ROW_KEYS = ["repaired", "num_classes", "clean_accuracy", "attack_success_rate", "goodnet_clean_accuracy",

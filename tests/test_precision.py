@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 
 import bdpruning
-from bdpruning import precision
+from bdpruning.numerics import precision
 from bdpruning.models import DeepID
-from bdpruning.precision import precision_context, precision_record, runs_in_precision_context
-from bdpruning.predict import predict_labels
-from bdpruning.sweep import run_sweep
+from bdpruning.numerics.precision import precision_context, precision_record, runs_in_precision_context
+from bdpruning.evaluation.predict import predict_labels
+from bdpruning.sweep.lab import run_sweep
 from conftest import write_h5_set
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")

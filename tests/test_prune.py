@@ -11,13 +11,13 @@ from torch import nn
 
 import bdpruning
 from bdpruning import BdpruningError
-from bdpruning.activations import rank_channels
-from bdpruning.atomic import atomic_dir
+from bdpruning.criteria.activation_means import rank_channels
+from bdpruning.runtime.atomic import atomic_dir
 from bdpruning.cli import main
 from bdpruning.models import ModelInfo, attach_info
-from bdpruning.predict import predict_labels
-from bdpruning.roundoff import float64_reference
-from bdpruning.sweep import find_thresholds, naive_sweep_predictions, run_sweep, sweep_predictions
+from bdpruning.evaluation.predict import predict_labels
+from bdpruning.numerics.roundoff import float64_reference
+from bdpruning.sweep.lab import find_thresholds, naive_sweep_predictions, run_sweep, sweep_predictions
 from conftest import CLEAN_IMAGE, POISONED_IMAGE, write_h5_set
 
 

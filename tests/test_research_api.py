@@ -14,8 +14,8 @@ from torch.utils.data import TensorDataset
 
 import bdpruning
 from bdpruning import BdpruningError
-from bdpruning.roundoff import float64_reference, measure
-from bdpruning.sweep import naive_sweep_predictions, sweep_predictions
+from bdpruning.numerics.roundoff import float64_reference, measure
+from bdpruning.sweep.lab import naive_sweep_predictions, sweep_predictions
 
 
 class BNNet(nn.Module):

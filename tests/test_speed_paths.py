@@ -12,12 +12,12 @@ import torch
 from torch import nn
 
 import bdpruning
-from bdpruning.counting import count_evaluation, count_goodnets
-from bdpruning.datasource import as_image_data
-from bdpruning.fastpath import ConvReLU, inference_module
-from bdpruning.feed import model_batches
-from bdpruning.predict import predict_labels
-from bdpruning.roundoff import float64_reference
+from bdpruning.evaluation.local_counts import count_evaluation, count_goodnets
+from bdpruning.data.forms import as_image_data
+from bdpruning.graph.fused import ConvReLU, inference_module
+from bdpruning.data.feed import model_batches
+from bdpruning.evaluation.predict import predict_labels
+from bdpruning.numerics.roundoff import float64_reference
 from conftest import BD_WEIGHTS, ROOT, safe_noisy_faces, write_h5_set
 
 
@@ -94,7 +94,7 @@ def test_resident_and_streamed_batches_hold_the_reader_s_values(safe_set, channe
     expected = list(data.batches(4))
     resident = list(model_batches(data, 4, torch.device("cpu"), dtype=dtype, channels_last=channels_last))
     assert data.resident  # loaded once, kept for the next pass
-    monkeypatch.setattr("bdpruning.feed.resident_fits", lambda nbytes, device: False)
+    monkeypatch.setattr("bdpruning.data.feed.resident_fits", lambda nbytes, device: False)
     streamed = list(model_batches(as_image_data(path), 4, torch.device("cpu"), dtype=dtype,
                                   channels_last=channels_last))
     for batches in (resident, streamed):
@@ -136,7 +136,7 @@ def test_one_device_evaluate_does_not_import_lightning_or_matplotlib(safe_set, t
 
 
 def test_threads_follow_the_environment_and_the_affinity(monkeypatch):
-    from bdpruning.threads import available_cores, configure_threads
+    from bdpruning.runtime.threads import available_cores, configure_threads
 
     saved = torch.get_num_threads()
     try:
@@ -155,7 +155,7 @@ def test_threads_follow_the_environment_and_the_affinity(monkeypatch):
 def test_exact_channel_sums_do_not_depend_on_batching_or_order(dtype):
     from fractions import Fraction
 
-    from bdpruning.exactsum import ExactChannelSums
+    from bdpruning.numerics.exactsum import ExactChannelSums
 
     generator = torch.Generator().manual_seed(0)
     values = torch.randn(37, 3, 4, 5, generator=generator, dtype=dtype) * 10.0 ** torch.randint(

@@ -21,11 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..devices import resolve_device
-    from ..goodnet import GoodNet, goodnet_labels
-    from ..images import read_images
-    from ..loading import load_model
-    from ..precision import precision_context
+    from ..runtime.devices import resolve_device
+    from ..evaluation.goodnet import GoodNet, goodnet_labels
+    from ..data.images import read_images
+    from ..models.loading import load_model
+    from ..numerics.precision import precision_context
 
     device = resolve_device(args.device)
     goodnet = GoodNet(load_model(args.bd, device), load_model(args.repaired, device))

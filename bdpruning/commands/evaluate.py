@@ -27,14 +27,14 @@ def _rate(value: float | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..atomic import atomic_file
-    from ..loading import load_model
-    from ..precision import precision_record
+    from ..runtime.atomic import atomic_file
+    from ..models.loading import load_model
+    from ..numerics.precision import precision_record
 
     device = one_device(args)
     if device is not None:
-        from ..counting import count_evaluation
-        from ..devices import resolve_device
+        from ..evaluation.local_counts import count_evaluation
+        from ..runtime.devices import resolve_device
 
         model = load_model(args.model, device=resolve_device(device))
         results = count_evaluation(model, args.clean, args.poisoned, batch_size=args.batch_size, tf32=args.tf32)

@@ -16,7 +16,7 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..finetuning import DEFAULT_LR, OPTIMIZERS
+    from ..pruning.finetuning import DEFAULT_LR, OPTIMIZERS
 
     parser.add_argument("--model", required=True,
                         help="the repaired model B' (bdpruning model directory, Keras .h5 or ONNX file)")
@@ -57,12 +57,12 @@ def _print_table(result) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..atomic import prepare_out_dir
+    from ..runtime.atomic import prepare_out_dir
     from ..errors import BdpruningError, file_error
-    from ..finetuning import keep_pruned_at_zero
+    from ..pruning.finetuning import keep_pruned_at_zero
     from ..workflows.finetune import save_finetune_run
     from ..lightning_modules.finetune import finetune_model
-    from ..loading import load_model
+    from ..models.loading import load_model
 
     if args.poisoned_test and not args.clean_test:
         raise BdpruningError(f"{args.poisoned_test}: --poisoned-test needs --clean-test")

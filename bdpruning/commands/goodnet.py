@@ -41,16 +41,16 @@ def _print_table(rows: list[dict]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..atomic import atomic_dir, prepare_out_dir
-    from ..loading import load_model
+    from ..runtime.atomic import atomic_dir, prepare_out_dir
+    from ..models.loading import load_model
     from ..models import model_info
     from ..plots import plot_goodnet
 
     out = prepare_out_dir(args.out, args.force)
     device = one_device(args)
-    if device is not None:  # one process: no Lightning (see bdpruning.counting)
-        from ..counting import count_goodnets
-        from ..devices import resolve_device
+    if device is not None:  # one process: no Lightning (see bdpruning.evaluation.local_counts)
+        from ..evaluation.local_counts import count_goodnets
+        from ..runtime.devices import resolve_device
 
         bd = load_model(args.bd, device=resolve_device(device))
         repaired = [load_model(path, device=resolve_device(device)) for path in args.repaired]

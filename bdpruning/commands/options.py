@@ -42,10 +42,10 @@ def lightning_options(args: argparse.Namespace) -> dict:
 
 def one_device(args: argparse.Namespace) -> str | None:
     """The device of a one-process run (``--devices 1``), evaluated without Lightning: importing
-    Lightning costs more than evaluating (see :mod:`bdpruning.counting`); None for DDP."""
+    Lightning costs more than evaluating (see :mod:`bdpruning.evaluation.local_counts`); None for DDP."""
     if args.devices != 1:
         return None
-    from ..devices import check_devices
+    from ..runtime.devices import check_devices
 
     check_devices(args.accelerator, args.devices)
     return {"auto": "auto", "cpu": "cpu"}.get(args.accelerator, "cuda")

@@ -3,7 +3,7 @@ from the act of pruning, as Torch-Pruning keeps importance apart from its pruner
 
 Each has ``score(model, clean) -> ChannelScores`` and never sees poisoned data; the sweep,
 thresholds, saving B', fine-tuning, compaction and GoodNet are shared
-(:func:`bdpruning.defense.run_defense`)::
+(:func:`bdpruning.sweep.defense.run_defense`)::
 
     from bdpruning.criteria import CLP, ANP, RNP, MeanActivation
     scores = CLP(u=3).score(model)                 # data-free

@@ -1,7 +1,7 @@
 """The lab's criterion: a channel's mean activation on clean data (low: pruned first).
 
-The mean itself has one home, :class:`bdpruning.activations.ActivationMeans`: both
-:func:`~bdpruning.activations.rank_channels` (forward hooks) and the sweep (from its cached
+The mean itself has one home, :class:`bdpruning.criteria.activation_means.ActivationMeans`: both
+:func:`~bdpruning.criteria.activation_means.rank_channels` (forward hooks) and the sweep (from its cached
 prefix outputs) accumulate through it. This object gives the same ranking the form every
 criterion gives; ``bdprune prune`` (``--criterion activation``, the default) runs the lab's
 single-layer sweep and writes its files exactly as before.
@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..activations import rank_channels
-from ..datasource import DataLike, data_name
+from .activation_means import rank_channels
+from ..data.forms import DataLike, data_name
 from ..errors import BdpruningError
-from ..layers import find_layer
+from ..graph.layers import find_layer
 from .base import ChannelScores
 
 __all__ = ["MeanActivation"]

@@ -24,9 +24,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..datasource import DataLike
+from ..data.forms import DataLike
 from ..errors import BdpruningError
-from ..finetuning import finetune_loss
+from ..pruning.finetuning import finetune_loss
 from .base import ChannelScores
 from .channel_masks import ChannelMasks
 from .trained import TrainedCriterion

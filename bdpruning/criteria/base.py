@@ -2,7 +2,7 @@
 
 A criterion (Torch-Pruning's "importance") only *chooses*: it scores channels, or learns a mask
 over them, and returns :class:`ChannelScores`. Pruning, the sweep, thresholds, saving B',
-fine-tuning, compaction and GoodNet are shared by all criteria (:mod:`bdpruning.defense`).
+fine-tuning, compaction and GoodNet are shared by all criteria (:mod:`bdpruning.sweep.defense`).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Protocol, Sequence, runtime_checkable
 import torch
 from torch import nn
 
-from ..datasource import DataLike
+from ..data.forms import DataLike
 from ..errors import BdpruningError
-from ..layers import find_layer
+from ..graph.layers import find_layer
 
 __all__ = ["ChannelScores", "Criterion", "conv_layers", "order_by"]
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import BdpruningError
-from ..masks import following_batchnorm
+from ..pruning.masks import following_batchnorm
 from .base import ChannelScores, conv_layers, order_by
 
 __all__ = ["ChannelMasks", "MASK_POINTS", "check_mask_choice", "mask_scores"]

@@ -20,9 +20,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..datasource import DataLike
+from ..data.forms import DataLike
 from ..errors import BdpruningError
-from ..masks import following_batchnorm
+from ..pruning.masks import following_batchnorm
 from .base import ChannelScores, conv_layers, order_by
 
 __all__ = ["CLP", "DEFAULT_U", "U_POINTS", "clp_bounds", "standardized"]

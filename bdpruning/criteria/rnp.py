@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..datasource import DataLike
+from ..data.forms import DataLike
 from ..errors import BdpruningError
 from .base import ChannelScores
 from .channel_masks import ChannelMasks

@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..datasource import DataLike, data_name
+from ..data.forms import DataLike, data_name
 from ..errors import BdpruningError
 from .base import ChannelScores, conv_layers
 from .channel_masks import check_mask_choice, mask_scores

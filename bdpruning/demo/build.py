@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..atomic import atomic_dir
+from ..runtime.atomic import atomic_dir
 from ..errors import BdpruningError, file_error
-from ..loading import load_model
+from ..models.loading import load_model
 from .dataset import DATA_FILES, DemoData, make_demo_data, write_demo_data
 
 __all__ = ["DemoFiles", "MANIFEST", "MODEL_FILE", "SHIPPED_MODEL", "build_demo"]

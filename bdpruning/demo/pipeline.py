@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from ..atomic import atomic_dir
+from ..runtime.atomic import atomic_dir
 from ..errors import BdpruningError
 from .build import DemoFiles, build_demo
 from .comparison import DEMO_CRITERIA, criterion_stages

@@ -6,7 +6,7 @@ the Keras model's ``output`` layer. Keras fuses ReLU into ``conv_*``; here the R
 in ``forward``, so ``pool_3`` sees the same values as in Keras.
 
 Keras flattens NHWC tensors; this module flattens NCHW. The loaders permute the ``fc_1`` and
-``fc_2`` weight columns accordingly (:func:`bdpruning.keras_h5.deepid_state_dict`), so both
+``fc_2`` weight columns accordingly (:func:`bdpruning.models.keras_h5.deepid_state_dict`), so both
 compute the same function.
 """
 

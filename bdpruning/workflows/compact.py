@@ -17,14 +17,14 @@ from dataclasses import asdict
 
 import numpy as np
 
-from ..atomic import atomic_dir, prepare_out_dir
-from ..compaction import compact_model, model_cost
+from ..runtime.atomic import atomic_dir, prepare_out_dir
+from ..pruning.compaction import compact_model, model_cost
 from ..convert import parity
 from ..errors import BdpruningError
-from ..loading import load_model
-from ..modelio import ONNX_FILE, save_model_dir
+from ..models.loading import load_model
+from ..models.directory import ONNX_FILE, save_model_dir
 from ..models import model_info
-from ..precision import precision_context
+from ..numerics.precision import precision_context
 
 __all__ = ["DEFAULT_TOLERANCE", "DEFAULT_SAMPLES", "compact_directory"]
 
@@ -74,7 +74,7 @@ def compact_directory(
     ``samples`` images) or on ``samples`` seeded random images, in float64: ``passed`` is false
     when the largest absolute output difference exceeds ``tolerance`` or a top-1 label differs.
     The float32 difference is reported too, run in IEEE fp32 unless ``tf32`` (see
-    :func:`~bdpruning.precision.precision_context`).
+    :func:`~bdpruning.numerics.precision.precision_context`).
     """
     if samples is not None and samples < 1:
         raise BdpruningError(f"--samples must be at least 1, got {samples}")

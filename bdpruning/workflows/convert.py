@@ -23,13 +23,13 @@ from typing import Any, Sequence
 import numpy as np
 from torch import nn
 
-from ..atomic import atomic_dir, prepare_out_dir
-from .. import roundoff
+from ..runtime.atomic import atomic_dir, prepare_out_dir
+from ..numerics import roundoff
 from ..convert import parity
 from ..errors import BdpruningError
-from ..images import read_images
-from ..keras_h5 import KerasH5, deepid_from_keras, fits_deepid, image_input_shape, read_keras_h5
-from ..modelio import ONNX_OPSET, onnx_to_torch, save_model_dir
+from ..data.images import read_images
+from ..models.keras_h5 import KerasH5, deepid_from_keras, fits_deepid, image_input_shape, read_keras_h5
+from ..models.directory import ONNX_OPSET, onnx_to_torch, save_model_dir
 from ..models import DeepID, ModelInfo, attach_info
 
 __all__ = ["DEFAULT_SAMPLES", "REPORT", "check_parity", "convert_keras"]
@@ -85,7 +85,7 @@ def check_parity(
     top-1 differs on an input whose float64 margin is safe, or (with ``tolerance``) when a
     PyTorch module's softmax differs from Keras' by more than ``tolerance``.
     """
-    from ..precision import precision_context
+    from ..numerics.precision import precision_context
 
     with precision_context(tf32=False):
         saved = deepid if deepid is not None else graph_module

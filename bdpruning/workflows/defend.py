@@ -19,11 +19,11 @@ from typing import Sequence
 
 from torch import nn
 
-from ..atomic import atomic_dir, prepare_out_dir
+from ..runtime.atomic import atomic_dir, prepare_out_dir
 from ..criteria.base import Criterion
-from ..defense import DefenseResult, run_defense
+from ..sweep.defense import DefenseResult, run_defense
 from .prune import load_inputs, save_pruned_copy
-from ..results import threshold_dirname, write_rows_csv
+from .writers import threshold_dirname, write_rows_csv
 
 __all__ = ["chosen_dirname", "defend_model", "save_defense", "write_defense_results", "save_defense_models"]
 

@@ -1,7 +1,7 @@
 """The fine-pruning stage's output: a fine-tuned B' written as a model directory with its history.
 
 The training itself is :func:`bdpruning.lightning_modules.finetune.finetune_model`; the pieces it
-uses are in :mod:`bdpruning.finetuning`.
+uses are in :mod:`bdpruning.pruning.finetuning`.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import json
 import os
 from pathlib import Path
 
-from ..atomic import atomic_dir, prepare_out_dir
-from ..finetuning import HISTORY_COLUMNS, FinetuneResult
-from ..keras_h5 import write_keras_copy
-from ..modelio import save_model_dir
-from ..results import write_rows_csv
+from ..runtime.atomic import atomic_dir, prepare_out_dir
+from ..pruning.finetuning import HISTORY_COLUMNS, FinetuneResult
+from ..models.keras_h5 import write_keras_copy
+from ..models.directory import save_model_dir
+from .writers import write_rows_csv
 
 __all__ = ["save_finetune_run"]
 

@@ -10,15 +10,15 @@ from typing import Sequence
 
 from torch import nn
 
-from ..atomic import atomic_dir, prepare_out_dir
-from ..data import H5ImageSet, read_h5_dataset
-from ..keras_h5 import write_keras_copy
-from ..loading import load_model
-from ..masks import prune_channels
-from ..modelio import save_model_dir
+from ..runtime.atomic import atomic_dir, prepare_out_dir
+from ..data.hdf5 import H5ImageSet, read_h5_dataset
+from ..models.keras_h5 import write_keras_copy
+from ..models.loading import load_model
+from ..pruning.masks import prune_channels
+from ..models.directory import save_model_dir
 from ..models import model_info
-from ..results import threshold_dirname, write_sweep_results
-from ..sweep import SweepResult, run_sweep
+from .writers import threshold_dirname, write_sweep_results
+from ..sweep.lab import SweepResult, run_sweep
 
 __all__ = ["load_inputs", "prune_model", "save_pruned_copy", "save_repaired", "save_repaired_models"]
 

@@ -1,0 +1,2 @@
+"""Measuring models: batched prediction, exact counts and rates, GoodNet, and counting in
+one process without Lightning."""

@@ -1,0 +1,164 @@
+"""Fine-pruning: fine-tune a repaired model B' on clean data with its pruned channels held at zero.
+
+The pieces here work without Lightning: the loss by the model's output contract, the optimizer,
+freezing the pruned channels with masks (:func:`keep_pruned_at_zero`) and the per-epoch history; a
+run's directory is written by :func:`bdpruning.workflows.finetune.save_finetune_run`. The
+training loop itself is :func:`bdpruning.lightning_modules.finetune.finetune_model`::
+
+    from bdpruning.lightning_modules.finetune import finetune_model
+    result = finetune_model(load_model("repaired_4pct"), "clean_valid.h5", epochs=5,
+                            poisoned_eval="poisoned_valid.h5")
+    save_finetune_run(result, "runs/finetune")     # a model directory plus finetune.json/csv/png
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import BdpruningError
+from .masks import masked_channels, prune_channels, pruned_layers
+from ..evaluation.metrics import EVALUATION_COUNTS, evaluation_rates
+from ..models import model_info
+from ..models.outputs import logits_model
+
+__all__ = [
+    "OPTIMIZERS",
+    "DEFAULT_LR",
+    "FinetuneResult",
+    "log_probabilities",
+    "finetune_loss",
+    "make_optimizer",
+    "check_finetune_settings",
+    "keep_pruned_at_zero",
+    "history_rows",
+    "HISTORY_COLUMNS",
+]
+
+#: Optimizers :func:`make_optimizer` builds (SGD with momentum 0.9).
+OPTIMIZERS = ("adam", "sgd")
+#: Learning rate per optimizer used when none is given.
+DEFAULT_LR = {"adam": 1e-3, "sgd": 1e-3}
+
+#: Columns of ``finetune.csv``.
+HISTORY_COLUMNS = ("epoch", "train_loss", "clean_accuracy", "attack_success_rate") + EVALUATION_COUNTS
+
+
+def log_probabilities(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Log class probabilities of ``model`` on ``images``, for training, by its output contract.
+
+    A model that returns logits (``ModelInfo.outputs``, see :func:`bdpruning.adopt`) gets
+    ``log_softmax``. For a model that ends in softmax (every model loaded from Keras) the logits
+    under the softmax are taken from its graph (:func:`bdpruning.models.outputs.logits_model`), so the
+    result is exact and always has a gradient: in float32 a confident softmax saturates and the
+    true class's probability can underflow. Only where no softmax is found in the graph is it
+    ``log(probabilities)`` clamped at 1e-12.
+    """
+    if model_info(model).outputs == "logits":
+        return F.log_softmax(model(images), dim=1)
+    logits = _logits_of(model)
+    if logits is None:
+        return torch.log(model(images).clamp_min(1e-12))
+    return F.log_softmax(logits(images), dim=1)
+
+
+def _logits_of(model: nn.Module) -> nn.Module | None:
+    """:func:`~bdpruning.models.outputs.logits_model`, traced once per model (it shares the weights)."""
+    if model not in _LOGITS:
+        _LOGITS[model] = logits_model(model)
+    return _LOGITS[model]
+
+
+_LOGITS: "weakref.WeakKeyDictionary[nn.Module, nn.Module | None]" = weakref.WeakKeyDictionary()
+
+
+def finetune_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood of ``labels`` (cross-entropy), see :func:`log_probabilities`."""
+    return F.nll_loss(log_probabilities(model, images), labels)
+
+
+def make_optimizer(parameters: Iterable[nn.Parameter], name: str, lr: float) -> torch.optim.Optimizer:
+    """Adam, or SGD with momentum 0.9."""
+    if name == "adam":
+        return torch.optim.Adam(parameters, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(parameters, lr=lr, momentum=0.9)
+    raise BdpruningError(f"unknown optimizer {name!r} (use {' or '.join(OPTIMIZERS)})")
+
+
+def check_finetune_settings(epochs: int, lr: float | None, batch_size: int, optimizer: str) -> float:
+    """Refuse settings that cannot train (epochs < 1, a learning rate that is not > 0, ...); return
+    the learning rate to use: ``lr``, or the optimizer's :data:`DEFAULT_LR` when it is None."""
+    if optimizer not in OPTIMIZERS:
+        raise BdpruningError(f"unknown optimizer {optimizer!r} (use {' or '.join(OPTIMIZERS)})")
+    if lr is None:
+        lr = DEFAULT_LR[optimizer]
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise BdpruningError(f"--epochs must be an integer of at least 1 (got {epochs!r})")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise BdpruningError(f"--lr must be a finite number above 0 (got {lr!r})")
+    if batch_size < 1:
+        raise BdpruningError(f"--batch-size must be at least 1 (got {batch_size})")
+    return lr
+
+
+def keep_pruned_at_zero(model: nn.Module, layer: str = "conv_3") -> dict[str, list[int]]:
+    """Make sure training cannot bring pruned channels back; return ``{layer: channels}``.
+
+    A model with pruning masks keeps them (see :mod:`bdpruning.pruning.masks`). A model without masks
+    (a B' from a Keras file, whose pruned channels are only zeroed) gets masks on the all-zero
+    channels of ``layer``. Refuses a model with nothing pruned.
+    """
+    pruned = pruned_layers(model, layer)
+    if not any(masked_channels(model).values()):
+        for name, channels in pruned.items():
+            prune_channels(model, name, channels)
+    return pruned
+
+
+def history_rows(counts: torch.Tensor, train_loss: torch.Tensor) -> list[dict]:
+    """One row per epoch (0 = before fine-tuning) from the per-epoch counts and mean train loss.
+
+    ``counts`` is (epochs + 1, len(EVALUATION_COUNTS)) in that order; ``train_loss`` holds NaN
+    for epoch 0. Rates are in percent, None where a set is absent.
+    """
+    rows = []
+    for epoch, (row, loss) in enumerate(zip(counts.tolist(), train_loss.tolist())):
+        row_counts = dict(zip(EVALUATION_COUNTS, (int(v) for v in row)))
+        rows.append({"epoch": epoch, "train_loss": None if math.isnan(loss) else loss,
+                     **evaluation_rates(row_counts), **row_counts})
+    return rows
+
+
+@dataclass
+class FinetuneResult:
+    """A fine-tuned model, its pruned channels and the evaluation before and after every epoch."""
+
+    model: nn.Module
+    pruned: dict[str, list[int]]
+    history: list[dict]  # see history_rows; history[0] is before fine-tuning
+    settings: dict
+    sets: dict[str, str | None]  # train, clean_eval, poisoned_eval
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def before(self) -> dict:
+        return self.history[0]
+
+    @property
+    def after(self) -> dict:
+        return self.history[-1]
+
+    def summary(self) -> dict:
+        """Everything but the model, as JSON-ready data (``finetune.json``)."""
+        return {**self.extra, "settings": self.settings, "sets": self.sets, "pruned": self.pruned,
+                "seconds": self.seconds, "before": self.before, "after": self.after, "history": self.history}
+
+

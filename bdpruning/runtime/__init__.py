@@ -1,0 +1,1 @@
+"""The process around the science: atomic writes, devices and CPU threads."""
