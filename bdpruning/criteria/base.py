@@ -28,6 +28,8 @@ class ChannelScores:
     lists ``(layer, channel)`` pairs, the most suspicious first; the criterion's own choice is
     to prune ``order[:selected]``. ``points`` maps values of the criterion's parameter
     (``parameter``: CLP's ``u``, a mask threshold) to how many channels of ``order`` it prunes.
+    ``keep_shift``: a pruned channel keeps its shift (the BatchNorm's beta, else the conv's
+    bias) and emits that constant, as ANP's and RNP's authors prune; else it emits 0.
     """
 
     criterion: str
@@ -40,6 +42,7 @@ class ChannelScores:
     settings: dict
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    keep_shift: bool = False
 
     def selection(self, count: int | None = None) -> dict[str, list[int]]:
         """``{layer: sorted channels}`` of the first ``count`` (default: the chosen) of ``order``."""
@@ -52,7 +55,7 @@ class ChannelScores:
         """The run as JSON-ready data (``criterion.json``): settings, seconds, scores, order, choice."""
         return {
             "criterion": self.criterion, "settings": self.settings, "seconds": self.seconds,
-            "score": self.score_name, "parameter": self.parameter,
+            "score": self.score_name, "parameter": self.parameter, "keep_shift": self.keep_shift,
             "selected": self.selected, "pruned": self.selection(),
             "points": [{self.parameter: value, "channels_pruned": count} for value, count in self.points.items()],
             "scores": self.scores,

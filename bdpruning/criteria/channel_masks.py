@@ -45,12 +45,12 @@ class ChannelMasks(nn.Module):
         self._handles = []
         for index, name in enumerate(self.scaled):
             module = modules[name]
+            like = dict(device=module.weight.device, dtype=module.weight.dtype)
             count = module.weight.shape[0]
-            device = module.weight.device
-            self.masks.append(nn.Parameter(torch.ones(count, device=device)))
+            self.masks.append(nn.Parameter(torch.ones(count, **like)))
             if noise:
-                self.noises.append(nn.Parameter(torch.zeros(count, device=device)))
-                self.noise_biases.append(nn.Parameter(torch.zeros(count, device=device)))
+                self.noises.append(nn.Parameter(torch.zeros(count, **like)))
+                self.noise_biases.append(nn.Parameter(torch.zeros(count, **like)))
             self._handles.append(module.register_forward_hook(self._hook(index)))
 
     def _hook(self, index: int) -> "_ScaleHook":
@@ -88,6 +88,13 @@ class ChannelMasks(nn.Module):
             noise.copy_(values.to(noise.device))
 
     @torch.no_grad()
+    def sign_noise_gradients(self) -> None:
+        """Replace every perturbation's gradient by its sign (ANP's ``sign_grad``)."""
+        for noise in self.noise_parameters():
+            if noise.grad is not None:
+                noise.grad.sign_()
+
+    @torch.no_grad()
     def clip_noise(self, eps: float) -> None:
         """Keep every perturbation in [-eps, eps]."""
         for noise in self.noise_parameters():
@@ -120,9 +127,10 @@ MASK_POINTS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
 
 
 def mask_scores(criterion: str, values: dict[str, torch.Tensor], threshold: float, count: int | None,
-                settings: dict, seconds: float, extra: dict | None = None) -> ChannelScores:
+                settings: dict, seconds: float, extra: dict | None = None, keep_shift: bool = True) -> ChannelScores:
     """Scores from learned masks: lowest mask first; the choice is every mask below ``threshold``,
-    or the ``count`` lowest when ``count`` is given."""
+    or the ``count`` lowest when ``count`` is given. ``keep_shift``: prune as the masks act
+    (the scale zeroed, the shift kept)."""
     order = order_by(values, descending=False)
     below = lambda t: sum(int((mask < t).sum()) for mask in values.values())  # noqa: E731
     if count is not None and not 0 <= count <= len(order):
@@ -132,7 +140,7 @@ def mask_scores(criterion: str, values: dict[str, torch.Tensor], threshold: floa
         criterion=criterion, score_name="learned mask (low: pruned)",
         scores={layer: mask.tolist() for layer, mask in values.items()}, order=order, selected=selected,
         parameter="mask threshold", points={t: below(t) for t in sorted({*MASK_POINTS, float(threshold)})},
-        settings=settings, seconds=seconds, extra=extra or {},
+        settings=settings, seconds=seconds, extra=extra or {}, keep_shift=keep_shift,
     )
 
 

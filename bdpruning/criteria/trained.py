@@ -1,8 +1,11 @@
 """What the criteria that learn masks under Lightning (ANP, RNP) share: the defender's clean
-images, the choice from the learned masks, and the record of where they trained."""
+images, a quiet Trainer with one progress bar per stage, the choice from the learned masks
+(pruned as their authors prune: the scale zeroed, the shift kept) and the record of where
+they trained."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -21,8 +24,14 @@ __all__ = ["TrainedCriterion"]
 class TrainedCriterion:
     """Shared settings: ``images`` clean images drawn with ``seed`` (all when None), batches of
     ``batch_size``; prune masks below ``threshold`` (or the ``count`` lowest) of ``layers``
-    (default: every conv); ``trainer_options`` (accelerator, devices, strategy, progress) go to
-    :func:`~bdpruning.lightning_modules.evaluation.make_trainer`."""
+    (default: every conv); ``trainer_options`` (accelerator, devices, strategy) go to
+    :func:`~bdpruning.lightning_modules.evaluation.make_trainer`; ``progress`` in them shows a
+    bar per stage (default: when stderr is a terminal), ``verbose`` Lightning's own messages.
+
+    ``keep_shift`` (default, the authors'): a pruned channel's scale is zeroed and its shift
+    kept, where the masks were learned: the BatchNorm's beta after a conv, else the conv's
+    bias (ANP ``prune_neuron_cifar.py`` lines 108-112, RNP ``main.py`` lines 116-120 zero only
+    ``<BatchNorm>.weight``). False zeroes the shift too (the channel's output becomes 0)."""
 
     images: int | None = 500
     threshold: float = 0.2
@@ -31,11 +40,12 @@ class TrainedCriterion:
     seed: int = 0
     layers: Sequence[str] | None = None
     trainer_options: dict = field(default_factory=dict)
+    keep_shift: bool = True
     name: str = "trained"
 
     def shared_settings(self) -> dict:
         return {"images": self.images, "threshold": self.threshold, "count": self.count,
-                "batch_size": self.batch_size, "seed": self.seed, "mode": "train"}
+                "batch_size": self.batch_size, "seed": self.seed, "mode": "train", "keep_shift": self.keep_shift}
 
     def training_data(self, model: nn.Module, clean: DataLike | None):
         """Check the shared settings and seed torch; the DataModule of the clean images to learn on."""
@@ -48,7 +58,32 @@ class TrainedCriterion:
         if clean is None:
             raise BdpruningError(f"{self.name.upper()} learns its masks on clean data: give a clean set")
         torch.manual_seed(self.seed)
-        return clean_training_data(model, clean, self.images, self.batch_size, self.seed)
+        return clean_training_data(model, clean, self.images, self.batch_size, self.seed, self._data_device())
+
+    def _data_device(self) -> str | None:
+        """Where the training images can wait for the whole run: the one GPU Lightning will use
+        (None: the host; Lightning moves each batch)."""
+        accelerator = self.trainer_options.get("accelerator", "auto")
+        if self.trainer_options.get("devices", 1) != 1 or self.trainer_options.get("strategy", "auto") != "auto":
+            return None
+        gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+        return "cuda" if gpu else None
+
+    def fit(self, module, data, description: str, unit: str, total: int, per: str, **trainer_args) -> bool:
+        """``trainer.fit`` quietly, with a progress bar of ``total`` ``unit``s; False in the
+        extra processes of a ``ddp`` launch."""
+        from ..lightning_modules.evaluation import make_trainer
+        from ..lightning_modules.mask_learning import ProgressBar, quiet_lightning
+
+        options = dict(self.trainer_options)
+        progress = options.pop("progress", None)
+        progress = sys.stderr.isatty() if progress is None else progress
+        with quiet_lightning(options.pop("verbose", False)):
+            trainer = make_trainer(**options, callbacks=[ProgressBar(total, description, unit, per, progress)],
+                                   **trainer_args)
+            data.check_processes(trainer.world_size)
+            trainer.fit(module, datamodule=data)
+        return trainer.is_global_zero
 
     def scores(self, values: dict[str, torch.Tensor], settings: dict, clean: DataLike, data,
                seconds: float) -> ChannelScores:
@@ -57,4 +92,4 @@ class TrainedCriterion:
 
         record = {**settings, **self.shared_settings(), "data": data_name(clean),
                   "training_images": len(data.train_set), **lightning_settings(self.trainer_options)}
-        return mask_scores(self.name, values, self.threshold, self.count, record, seconds)
+        return mask_scores(self.name, values, self.threshold, self.count, record, seconds, keep_shift=self.keep_shift)

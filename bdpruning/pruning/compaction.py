@@ -20,8 +20,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .dependency import ChannelGroup, remove_channels
-from .masks import plain_state_dict, pruned_layers
+from .masks import plain_state_dict, pruned_layers, shift_kept_layers
 from ..models.record import model_info
+from ..errors import BdpruningError
 
 __all__ = ["ModelCost", "compact_model", "model_cost", "example_input"]
 
@@ -58,6 +59,10 @@ def compact_model(model: nn.Module, layer: str = "conv_3") -> list[ChannelGroup]
     channels of ``layer`` (see :func:`bdpruning.pruning.masks.pruned_layers`). The removal is recorded in
     the model's info, so :func:`bdpruning.save_model_dir` saves a directory that reloads compact.
     """
+    kept = shift_kept_layers(model)
+    if kept:
+        raise BdpruningError(f"the pruned channels of {', '.join(kept)} keep their shift (as ANP and RNP prune) and "
+                             "emit a constant: removing them would change the model's outputs")
     steps = list(pruned_layers(model, layer).items())
     groups = remove_channels(model, steps, example_input(model))
     info = model_info(model)

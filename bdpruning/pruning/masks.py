@@ -20,7 +20,7 @@ from ..graph.layers import find_layer
 from ..graph.tracing import trace_model
 
 __all__ = ["prune_channels", "pruned_channels", "masked_channels", "pruned_layers", "plain_state_dict",
-           "refresh_masked_weights", "channel_count", "baked_copy", "following_batchnorm"]
+           "refresh_masked_weights", "channel_count", "baked_copy", "following_batchnorm", "shift_kept_layers"]
 
 
 def channel_count(module: nn.Module) -> int:
@@ -32,13 +32,15 @@ def channel_count(module: nn.Module) -> int:
 
 
 def prune_channels(model: nn.Module, layer: str, channels: Iterable[int], *,
-                   batchnorm: bool | None = None) -> nn.Module:
+                   batchnorm: bool | None = None, keep_shift: bool = False) -> nn.Module:
     """Zero the output ``channels`` of ``layer`` (kernel and bias) with structured masks.
 
     Where a BatchNorm directly follows the layer, its shift would keep a pruned channel alive
     downstream; ``batchnorm`` (default: whenever one follows) masks the BatchNorm's scale and
-    shift too, so the pruned channels are exactly zero after it. Masks accumulate: pruning more
-    channels later keeps the earlier ones pruned. Returns ``model``.
+    shift too, so the pruned channels are exactly zero after it. ``keep_shift`` prunes as
+    ANP's and RNP's authors do: the shift is kept (the BatchNorm's beta; without a BatchNorm,
+    the conv's bias), so each pruned channel emits that constant. Masks accumulate: pruning
+    more channels later keeps the earlier ones pruned. Returns ``model``.
     """
     name, module = find_layer(model, layer)
     count = channel_count(module)
@@ -48,26 +50,35 @@ def prune_channels(model: nn.Module, layer: str, channels: Iterable[int], *,
         raise BdpruningError(f"layer {name!r} has {count} channels; cannot prune {bad}")
     keep = torch.ones(count, device=module.weight.device)
     keep[channels] = 0
-    _mask(module, keep)
-    if batchnorm is False:  # the graph is not traced when it would not be used
-        return model
-    norm = following_batchnorm(model, name)
-    if norm is not None:
-        _mask(model.get_submodule(norm), keep)
-    elif batchnorm:
+    norm = None if batchnorm is False else following_batchnorm(model, name)  # traced only when used
+    if norm is None and batchnorm:
         raise BdpruningError(f"no BatchNorm directly follows {name!r}")
+    _mask(module, keep, bias=not keep_shift or norm is not None)
+    if norm is not None:
+        _mask(model.get_submodule(norm), keep, bias=not keep_shift)
     return model
 
 
-def _mask(module: nn.Module, keep: torch.Tensor) -> None:
-    """Multiply ``module``'s weight (along its first axis) and bias by ``keep``, as masks."""
+def _mask(module: nn.Module, keep: torch.Tensor, bias: bool = True) -> None:
+    """Multiply ``module``'s weight (along its first axis), and its bias unless not ``bias``, by ``keep``, as masks."""
     weight_mask = keep.view(-1, *([1] * (module.weight.dim() - 1))).expand_as(module.weight)
     with torch.no_grad():  # masks accumulate; the masked tensors start as leaves (copyable)
         prune.custom_from_mask(module, "weight", weight_mask.clone())
-        if getattr(module, "bias", None) is not None:
+        if bias and getattr(module, "bias", None) is not None:
             prune.custom_from_mask(module, "bias", keep.clone())
     if _drop_mask_history not in module._forward_hooks.values():
         module.register_forward_hook(_drop_mask_history)
+
+
+def shift_kept_layers(model: nn.Module) -> list[str]:
+    """The masked conv layers whose pruned channels keep their shift (see :func:`prune_channels`):
+    the module at the channel's end (its BatchNorm, else the conv) has a bias and no bias mask."""
+    kept = []
+    for name, channels in masked_channels(model).items():
+        end = model.get_submodule(following_batchnorm(model, name) or name)
+        if channels and getattr(end, "bias", None) is not None and not hasattr(end, "bias_mask"):
+            kept.append(name)
+    return kept
 
 
 def following_batchnorm(model: nn.Module, layer: str) -> str | None:
