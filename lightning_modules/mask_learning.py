@@ -75,17 +75,18 @@ def clean_training_data(model: nn.Module, clean: DataLike, images: int | None, b
     dtype = next(model.parameters()).dtype  # a float64 model learns in float64
     tensors = TensorBatches(torch.stack([torch.as_tensor(p[0]) for p in pairs]).to(dtype),
                             torch.as_tensor([int(p[1]) for p in pairs]))
-    return CleanTrainingData(tensors if device is None else tensors.to(device), batch_size, seed)
+    return CleanTrainingData(tensors if device is None else tensors.to(device), batch_size, seed, chosen.tolist())
 
 
 class CleanTrainingData(pl.LightningDataModule):
     """The clean training set for ``trainer.fit``, shuffled with a seeded ``DistributedSampler``
     (padded, so every process runs the same number of batches; Lightning calls its
-    ``set_epoch``): the same order for a seed in one process or many."""
+    ``set_epoch``): the same order for a seed in one process or many. ``indices``: where its
+    images are in the defender's clean set."""
 
-    def __init__(self, train_set: TensorBatches, batch_size: int, seed: int) -> None:
+    def __init__(self, train_set: TensorBatches, batch_size: int, seed: int, indices: list[int]) -> None:
         super().__init__()
-        self.train_set, self.batch_size, self.seed = train_set, batch_size, seed
+        self.train_set, self.batch_size, self.seed, self.indices = train_set, batch_size, seed, indices
 
     def check_processes(self, world_size: int) -> None:
         """Refuse fewer images than processes (call it before processes are started)."""

@@ -30,6 +30,9 @@ class ChannelScores:
     (``parameter``: CLP's ``u``, a mask threshold) to how many channels of ``order`` it prunes.
     ``keep_shift``: a pruned channel keeps its shift (the BatchNorm's beta, else the conv's
     bias) and emits that constant, as ANP's and RNP's authors prune; else it emits 0.
+    ``trained_on``: indices of the clean images the criterion learned from (``[]``: none, a
+    data-free criterion; None: not known). ``budget``: set when a clean-accuracy budget capped
+    the choice (:mod:`bdpruning.sweep.budget`); ``budget["raw"]`` is the criterion's own.
     """
 
     criterion: str
@@ -43,6 +46,8 @@ class ChannelScores:
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
     keep_shift: bool = False
+    trained_on: list[int] | None = field(default=None, repr=False)
+    budget: dict | None = None
 
     def selection(self, count: int | None = None) -> dict[str, list[int]]:
         """``{layer: sorted channels}`` of the first ``count`` (default: the chosen) of ``order``."""
@@ -56,7 +61,7 @@ class ChannelScores:
         return {
             "criterion": self.criterion, "settings": self.settings, "seconds": self.seconds,
             "score": self.score_name, "parameter": self.parameter, "keep_shift": self.keep_shift,
-            "selected": self.selected, "pruned": self.selection(),
+            "budget": self.budget, "selected": self.selected, "pruned": self.selection(),
             "points": [{self.parameter: value, "channels_pruned": count} for value, count in self.points.items()],
             "scores": self.scores,
             "order": [{"layer": layer, "channel": channel, "score": self.scores[layer][channel]}

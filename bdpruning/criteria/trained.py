@@ -92,4 +92,7 @@ class TrainedCriterion:
 
         record = {**settings, **self.shared_settings(), "data": data_name(clean),
                   "training_images": len(data.train_set), **lightning_settings(self.trainer_options)}
-        return mask_scores(self.name, values, self.threshold, self.count, record, seconds, keep_shift=self.keep_shift)
+        scores = mask_scores(self.name, values, self.threshold, self.count, record, seconds,
+                             keep_shift=self.keep_shift)
+        scores.trained_on = data.indices
+        return scores
