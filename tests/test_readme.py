@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from conftest import ROOT
+from helpers.material import ROOT
 
 pytestmark = pytest.mark.slow
 

@@ -16,41 +16,12 @@ import bdpruning
 from bdpruning import BdpruningError
 from bdpruning.numerics.roundoff import float64_reference, measure
 from bdpruning.sweep.lab import naive_sweep_predictions, sweep_predictions
-
-
-class BNNet(nn.Module):
-    """Conv-BatchNorm-ReLU-MaxPool twice, then a linear layer: a small research CNN."""
-
-    def __init__(self, classes: int = 4) -> None:
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.conv2, self.bn2 = nn.Conv2d(8, 12, 3, padding=1), nn.BatchNorm2d(12)
-        self.pool = nn.MaxPool2d(2)
-        self.fc = nn.Linear(12 * 4 * 4, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(torch.relu(self.bn1(self.conv1(x))))
-        x = self.pool(torch.relu(self.bn2(self.conv2(x))))
-        return self.fc(x.flatten(1))
-
-
-def _randomized(model: nn.Module) -> nn.Module:
-    """Non-trivial BatchNorm statistics and shifts (an untrained net's are 0 and 1)."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                n = module.num_features
-                module.running_mean.copy_(torch.rand(n, generator=generator) - 0.5)
-                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-                module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
-                module.bias.copy_(torch.rand(n, generator=generator) - 0.5)
-    return model.eval()
+from helpers.nets import BatchNormCNN, randomize_batchnorm
 
 
 CASES = {
     "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), (3, 16, 16), "layer1.0.conv1", "layer1.0.bn1", 10),
-    "bn_cnn": (BNNet, (3, 16, 16), "conv2", "bn2", 4),
+    "bn_cnn": (BatchNormCNN, (3, 16, 16), "conv2", "bn2", 4),
 }
 
 
@@ -58,7 +29,7 @@ CASES = {
 def test_adopt_sweep_save_goodnet_compact(case, tmp_path):
     build, shape, layer, rank_layer, classes = CASES[case]
     torch.manual_seed(0)
-    model = _randomized(build()).double()
+    model = randomize_batchnorm(build()).double()
     images = torch.rand(12, *shape, dtype=torch.float64) * 255
     labels = torch.randint(0, classes, (12,))
     bdpruning.adopt(model, outputs="logits", example=images[:2])
@@ -93,10 +64,10 @@ def test_adopt_sweep_save_goodnet_compact(case, tmp_path):
 
 def test_an_unadopted_model_is_told_how_to_adopt_it(tmp_path):
     with pytest.raises(BdpruningError, match=r"bdpruning.adopt\(model, outputs="):
-        bdpruning.GoodNet(BNNet(), BNNet())
+        bdpruning.GoodNet(BatchNormCNN(), BatchNormCNN())
     with pytest.raises(BdpruningError, match="outputs must be 'logits' or 'probabilities'"):
-        bdpruning.adopt(BNNet(), outputs="scores", example=torch.zeros(1, 3, 16, 16))
+        bdpruning.adopt(BatchNormCNN(), outputs="scores", example=torch.zeros(1, 3, 16, 16))
     with pytest.raises(BdpruningError, match="needs the input shape"):
-        bdpruning.adopt(BNNet(), outputs="logits")
+        bdpruning.adopt(BatchNormCNN(), outputs="logits")
     with pytest.raises(BdpruningError, match="expected \\(batch, classes\\)"):
         bdpruning.adopt(nn.Conv2d(3, 4, 3), outputs="logits", example=torch.zeros(1, 3, 16, 16))

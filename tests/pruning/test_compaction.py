@@ -16,7 +16,10 @@ from bdpruning.runtime.atomic import atomic_dir
 from bdpruning.cli import main
 from bdpruning.pruning.compaction import compact_model, model_cost
 from bdpruning.pruning.dependency import channel_group, remove_channels
-from conftest import PRUNED_2PCT_CHANNELS, noisy_faces, safe_for
+from helpers.conditions import safe_for
+from helpers.data import noisy_faces
+from helpers.material import PRUNED_2PCT_CHANNELS
+from helpers.nets import randomize_batchnorm
 
 # What one conv_3 channel of DeepID costs: its 40x3x3 kernel and bias; 80x2x2 conv_4 weights;
 # 20 fc_1 columns (5x4 positions) of 160. FLOPs per image: conv_3 (10x8 outputs), conv_4 (4x3), fc_1.
@@ -116,16 +119,6 @@ class _Branchy(nn.Module):
         return self.fc(torch.cat([self.c(z).flatten(1), flat], 1))
 
 
-def _randomize_batchnorm(model: nn.Module) -> nn.Module:
-    torch.manual_seed(0)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-1, 1)
-            module.running_var.uniform_(0.5, 2)
-            nn.init.uniform_(module.bias, -1, 1)
-    return model.eval()
-
-
 @pytest.mark.parametrize("build, layer, members", [
     (_Branchy, "a", ["a", "bn", "c", "fc"]),
     (lambda: torchvision.models.resnet18(num_classes=10), "layer1.0.conv1", ["layer1.0.conv1", "layer1.0.bn1",
@@ -140,7 +133,7 @@ def test_other_cnns_compact_exactly(build, layer, members):
     torch.manual_seed(1)
     model = build().eval()
     if build is _Branchy:  # non-zero constants from the removed channels, folded into c and fc
-        _randomize_batchnorm(model)
+        randomize_batchnorm(model)
     model.double()  # float64: the removal changes the sums by round-off of order 1e-16 only
     x = (torch.rand(4, 3, 14, 14) if build is _Branchy else torch.rand(2, 3, 64, 64)).double()
     channels = [0, 2, 5]
@@ -157,7 +150,7 @@ def test_other_cnns_compact_exactly(build, layer, members):
 def test_a_conv_pruned_with_its_batchnorm_compacts_exactly_behind_padding():
     """Masking the BatchNorm with the conv (the default) silences the channel, so the padded
     conv after it sees exact zeros and the removal is exact (compared in float64)."""
-    model = _randomize_batchnorm(torchvision.models.resnet18(num_classes=10)).double()
+    model = randomize_batchnorm(torchvision.models.resnet18(num_classes=10)).double()
     x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
     prune_channels(model, "layer1.0.conv1", [1, 5])
     with torch.no_grad():
@@ -176,7 +169,9 @@ def test_a_conv_pruned_with_its_batchnorm_compacts_exactly_behind_padding():
     ("bn1", "channels are removed from convolutions"),
 ])
 def test_inexact_removals_are_refused_before_anything_changes(layer, problem):
-    model = _randomize_batchnorm(torchvision.models.resnet18(num_classes=10))
+    model = randomize_batchnorm(torchvision.models.resnet18(num_classes=10))
+    with torch.no_grad():  # channel 1's BatchNorm shift passes the ReLU: a constant the padding would cut
+        model.layer1[0].bn1.running_mean[1], model.layer1[0].bn1.bias[1] = 0.0, 1.0
     x = torch.rand(1, 3, 32, 32)
     with torch.no_grad():
         expected = model(x)

@@ -16,15 +16,18 @@ from bdpruning.lightning_modules.data import H5DataModule
 from bdpruning.lightning_modules.evaluation import EvaluationModule, evaluate_model, run_evaluation
 from bdpruning.lightning_modules.goodnet import GoodNetModule, evaluate_goodnets
 from bdpruning.evaluation.metrics import percent
-from conftest import BD_WEIGHTS, PRUNED_FULL, N, bdprune, rule, safe_noisy_faces, write_h5_set
+from helpers.cli import bdprune
+from helpers.data import safe_noisy_faces, write_h5_set
+from helpers.material import BD_WEIGHTS, N, PRUNED_FULL
+from helpers.reference import rule
 
 ROW_KEYS = ["repaired", "num_classes", "clean_accuracy", "attack_success_rate", "goodnet_clean_accuracy",
             "goodnet_attack_success_rate", "detection_rate", "false_alarm_rate"]
 
 
 @pytest.fixture
-def sets(tmp_path, face_images, nets, always_7):
-    """Odd-sized sets: 13 clean images (true labels 860 and 0), 7 poisoned ones (target 0), each
+def clean_and_poisoned(tmp_path, face_images, nets, always_7):
+    """Odd-sized clean_and_poisoned: 13 clean images (true labels 860 and 0), 7 poisoned ones (target 0), each
     with a safe float64 margin under every net, so any batching gives the same labels anywhere."""
     models = [*nets, always_7]
     clean, labels = safe_noisy_faces(face_images, 13, models)
@@ -41,10 +44,10 @@ def _images_labels(path) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.tensor(handle["data"][()], dtype=torch.float32), torch.tensor(handle["label"][()])
 
 
-def test_evaluation_counts_are_the_model_s_hits(nets, sets):
+def test_evaluation_counts_are_the_model_s_hits(nets, clean_and_poisoned):
     bd, _ = nets
-    results = evaluate_model(bd, *sets, batch_size=4)
-    (clean, labels), (poisoned, targets) = map(_images_labels, sets)
+    results = evaluate_model(bd, *clean_and_poisoned, batch_size=4)
+    (clean, labels), (poisoned, targets) = map(_images_labels, clean_and_poisoned)
     with torch.no_grad():
         correct = int((bd(clean).argmax(1) == labels).sum())
         attacks = int((bd(poisoned).argmax(1) == targets).sum())
@@ -52,16 +55,16 @@ def test_evaluation_counts_are_the_model_s_hits(nets, sets):
         "clean_images": 13, "clean_correct": correct, "poisoned_images": 7, "attack_successes": attacks,
         "clean_accuracy": percent(correct, 13), "attack_success_rate": percent(attacks, 7),
     }
-    valid = H5DataModule(clean_valid=sets[0], poisoned_valid=sets[1], batch_size=5)
+    valid = H5DataModule(clean_valid=clean_and_poisoned[0], poisoned_valid=clean_and_poisoned[1], batch_size=5)
     assert run_evaluation(EvaluationModule(bd), valid, stage="validate") == {
         key: results[key] for key in ("clean_images", "clean_correct", "poisoned_images", "attack_successes")
     }
 
 
-def test_goodnet_rates_follow_the_rule(nets, always_7, sets):
+def test_goodnet_rates_follow_the_rule(nets, always_7, clean_and_poisoned):
     bd, pruned = nets
-    rows = evaluate_goodnets(bd, [pruned, always_7], *sets, batch_size=4)
-    (clean, labels), (poisoned, targets) = map(_images_labels, sets)
+    rows = evaluate_goodnets(bd, [pruned, always_7], *clean_and_poisoned, batch_size=4)
+    (clean, labels), (poisoned, targets) = map(_images_labels, clean_and_poisoned)
     for repaired, row in zip([pruned, always_7], rows):
         with torch.no_grad():
             on_clean, on_poisoned = repaired(clean).argmax(1), repaired(poisoned).argmax(1)
@@ -78,10 +81,10 @@ def test_goodnet_rates_follow_the_rule(nets, always_7, sets):
 
 
 @pytest.mark.slow
-def test_two_processes_count_exactly_what_one_counts(nets, always_7, sets):
+def test_two_processes_count_exactly_what_one_counts(nets, always_7, clean_and_poisoned):
     """ddp_spawn from this pytest process: 2 CPU processes, gloo, unpadded shards of 13 and 7."""
     bd, pruned = nets
-    data = H5DataModule.for_model(bd, clean_test=sets[0], poisoned_test=sets[1], batch_size=2)
+    data = H5DataModule.for_model(bd, clean_test=clean_and_poisoned[0], poisoned_test=clean_and_poisoned[1], batch_size=2)
     one = run_evaluation(GoodNetModule(bd, [pruned, always_7]), data)
     two = run_evaluation(GoodNetModule(bd, [pruned, always_7]), data,
                          accelerator="cpu", devices=2, strategy="ddp_spawn")
@@ -90,11 +93,11 @@ def test_two_processes_count_exactly_what_one_counts(nets, always_7, sets):
 
 
 @pytest.mark.slow
-def test_cli_evaluate_under_ddp_equals_one_process(nets, sets, tmp_path):
+def test_cli_evaluate_under_ddp_equals_one_process(nets, clean_and_poisoned, tmp_path):
     """``--strategy ddp``: Lightning re-runs ``python -m bdpruning.cli`` in a second process."""
     result = subprocess.run(
-        [sys.executable, "-m", "bdpruning.cli", "evaluate", "--model", str(BD_WEIGHTS), "--clean", str(sets[0]),
-         "--poisoned", str(sets[1]), "--batch-size", "3", "--out", "two.json",
+        [sys.executable, "-m", "bdpruning.cli", "evaluate", "--model", str(BD_WEIGHTS), "--clean", str(clean_and_poisoned[0]),
+         "--poisoned", str(clean_and_poisoned[1]), "--batch-size", "3", "--out", "two.json",
          "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"],
         capture_output=True, text=True, cwd=tmp_path,
     )
@@ -102,14 +105,14 @@ def test_cli_evaluate_under_ddp_equals_one_process(nets, sets, tmp_path):
     assert result.stdout.count("clean accuracy") == 1  # only the first process reports
     two = json.loads((tmp_path / "two.json").read_text())
     assert two.pop("precision")["tf32"] is False  # the JSON records the precision: fp32 by default
-    one = evaluate_model(nets[0], *sets)
-    assert two == {"model": str(BD_WEIGHTS), "clean": str(sets[0]), "poisoned": str(sets[1]), **one}
+    one = evaluate_model(nets[0], *clean_and_poisoned)
+    assert two == {"model": str(BD_WEIGHTS), "clean": str(clean_and_poisoned[0]), "poisoned": str(clean_and_poisoned[1]), **one}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clean.h5", "poisoned.h5", "two.json"]
 
 
-def test_cli_evaluate_and_goodnet_write_their_results(sets, tmp_path, capsys, monkeypatch):
+def test_cli_evaluate_and_goodnet_write_their_results(clean_and_poisoned, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing may be left in the working directory but the results
-    clean, poisoned = map(str, sets)
+    clean, poisoned = map(str, clean_and_poisoned)
     code, out, err = bdprune(capsys, "evaluate", "--model", BD_WEIGHTS, "--clean", clean, "--poisoned", poisoned,
                              "--out", "evaluate.json")
     assert code == 0, err
@@ -132,8 +135,8 @@ def test_cli_evaluate_and_goodnet_write_their_results(sets, tmp_path, capsys, mo
     assert code == 2 and "gn: output directory exists" in err
 
 
-def test_cli_bad_input_is_one_line_exit_2(sets, tmp_path, capsys):
-    clean, poisoned = map(str, sets)
+def test_cli_bad_input_is_one_line_exit_2(clean_and_poisoned, tmp_path, capsys):
+    clean, poisoned = map(str, clean_and_poisoned)
     evaluate = ["evaluate", "--model", BD_WEIGHTS, "--out", tmp_path / "r.json"]
     wrong_labels = write_h5_set(tmp_path / "labels.h5", np.zeros((3, 3, 55, 47), np.uint8), np.array([0, 1, N]))
     wrong_shape = write_h5_set(tmp_path / "shape.h5", np.zeros((3, 3, 32, 32), np.uint8), np.zeros(3))

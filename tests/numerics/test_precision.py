@@ -21,7 +21,7 @@ from bdpruning.models import DeepID
 from bdpruning.numerics.precision import precision_context, precision_record, runs_in_precision_context
 from bdpruning.evaluation.predict import predict_labels
 from bdpruning.sweep.lab import run_sweep
-from conftest import write_h5_set
+from helpers.data import write_h5_set
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
 

@@ -19,8 +19,9 @@ from bdpruning.demo.report import _provenance
 from bdpruning.numerics.roundoff import Reference, accumulation_depth
 from bdpruning.graph.split import split_at
 from bdpruning.sweep.lab import SweepResult, run_sweep
+from helpers.material import ROOT
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = ROOT / "README.md"
 TABLE_HEADER = "| threshold | channels pruned | clean accuracy | ASR |"
 THRESHOLDS = (2.0, 4.0, 10.0, 20.0)
 

@@ -21,7 +21,9 @@ from bdpruning.runtime.atomic import atomic_dir
 from bdpruning.cli import main
 from bdpruning.pruning.compaction import compact_model
 from bdpruning.numerics import roundoff
-from conftest import CLEAN_IMAGE, POISONED_IMAGE, PRUNED_2PCT_CHANNELS, ROOT, SHARED, need_shared, noisy_faces, write_h5_set
+from helpers.conditions import need_shared
+from helpers.data import noisy_faces, write_h5_set
+from helpers.material import CLEAN_IMAGE, POISONED_IMAGE, PRUNED_2PCT_CHANNELS, ROOT, SHARED
 
 pytestmark = pytest.mark.tensorflow
 MODELS = SHARED / "models"
@@ -187,7 +189,7 @@ def test_onnx_graph_takes_nchw_input_with_dynamic_batch(bd_weights, converted):
     assert not [node for node in graph.node if node.op_type == "Transpose"]
 
 
-def test_full_model_keeps_its_45_zeroed_channels(pruned_full, converted):
+def test_a_converted_full_model_keeps_its_45_zeroed_channels(pruned_full, converted):
     out = converted(pruned_full)
     assert _report(out)["passed"]
     weights = load_file(str(out / "model.safetensors"))

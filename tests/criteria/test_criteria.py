@@ -10,17 +10,17 @@ import logging
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import bdpruning
 from bdpruning import BdpruningError
 from bdpruning.criteria import ANP, CLP, RNP
 from bdpruning.criteria.clp import clp_bounds
 from bdpruning.sweep.defense import run_defense
-from bdpruning.sweep.masked import masked_sweep_predictions
 from bdpruning.evaluation.predict import predict_labels
-from conftest import bdprune, write_h5_set
-from planted import BACKDOOR, planted_data, planted_net
+from helpers.cli import bdprune
+from helpers.data import write_h5_set
+from helpers.planted import BACKDOOR, planted_data, planted_net
+from helpers.nets import half_batchnorm_net
 
 CPU = {"accelerator": "cpu"}
 
@@ -33,7 +33,7 @@ def quiet_lightning():
 
 def _criteria() -> dict:
     return {
-        "clp": CLP(),
+        "clp": CLP(convs_without_batchnorm=True),  # the planted net has no BatchNorm
         "anp": ANP(iterations=20, images=128, batch_size=64, trainer_options=CPU),
         "rnp": RNP(images=128, batch_size=64, unlearn_epochs=3, recover_epochs=3, trainer_options=CPU),
     }
@@ -53,35 +53,8 @@ def test_each_criterion_prunes_the_planted_backdoor_channel(name):
     assert record["settings"] and record["seconds"] >= 0 and record["criterion"] == name
 
 
-class BNNet(nn.Module):
-    """Two convs, the first followed by a BatchNorm with non-trivial statistics."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv_a = nn.Conv2d(3, 6, 3)
-        self.bn_a = nn.BatchNorm2d(6)
-        self.conv_b = nn.Conv2d(6, 5, 2)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.head = nn.Linear(5, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn_a(self.conv_a(x / 255)))
-        x = torch.relu(self.conv_b(x))
-        return self.head(torch.flatten(self.pool(x), 1))
-
-
-def _bn_net() -> nn.Module:
-    torch.manual_seed(0)
-    model = BNNet().eval()
-    with torch.no_grad():
-        model.bn_a.running_mean.uniform_(-0.5, 0.5)
-        model.bn_a.running_var.uniform_(0.5, 2)
-        model.bn_a.weight.uniform_(-2, 2)
-    return model
-
-
 def test_clp_bounds_equal_an_independent_numpy_svd():
-    model = _bn_net()
+    model = half_batchnorm_net()
     bounds = clp_bounds(model)
     assert list(bounds) == ["conv_a", "conv_b"]
     for name, bn in (("conv_a", model.bn_a), ("conv_b", None)):
@@ -94,8 +67,8 @@ def test_clp_bounds_equal_an_independent_numpy_svd():
 
 
 def test_clp_prunes_per_layer_above_mean_plus_u_std():
-    scores = CLP(u=1.0).score(_bn_net())
-    for layer, bound in clp_bounds(_bn_net()).items():
+    scores = CLP(u=1.0, convs_without_batchnorm=True).score(half_batchnorm_net())
+    for layer, bound in clp_bounds(half_batchnorm_net()).items():
         limit = bound.mean() + 1.0 * bound.std()
         assert scores.selection().get(layer, []) == [c for c in range(len(bound)) if bound[c] > limit]
     assert scores.points[1.0] == scores.selected and scores.settings["u"] == 1.0
@@ -113,29 +86,6 @@ def test_learned_masks_lie_in_the_unit_interval_and_a_seed_repeats_them(name):
     for layer, channels in first.selection().items():
         bdpruning.prune_channels(model, layer, channels)
         assert bdpruning.pruned_channels(model, layer) == channels  # exactly zero kernel and bias
-
-
-def test_masked_sweep_equals_pruned_models_at_every_step():
-    """In float64, on a net with a BatchNorm after a pruned conv: the masked sweep's labels are
-    those of the pruned model's plain forward, at every step and at chosen steps."""
-    model = _bn_net().double()
-    with torch.no_grad():  # outputs that vary from image to image
-        model.head.weight.mul_(20)
-        model.conv_b.weight.mul_(3)
-    generator = torch.Generator().manual_seed(3)
-    images = torch.rand(40, 3, 1, 1, generator=generator) * 200 + torch.rand(40, 3, 8, 8, generator=generator) * 55
-    labels = torch.zeros(40, dtype=torch.int64)
-    order = [("conv_a", 2), ("conv_b", 1), ("conv_a", 0), ("conv_a", 5), ("conv_b", 4), ("conv_b", 0)]
-    naive = []
-    for k in range(len(order) + 1):
-        pruned = copy.deepcopy(model)
-        for layer, channel in order[:k]:
-            bdpruning.prune_channels(pruned, layer, [channel])
-        naive.append(predict_labels(pruned, (images, labels)))
-    naive = torch.stack(naive)
-    assert torch.equal(masked_sweep_predictions(model, (images, labels), order, batch_size=16), naive)
-    assert torch.equal(masked_sweep_predictions(model, (images, labels), order, [1, 4, 6]), naive[[1, 4, 6]])
-    assert (naive[-1] != naive[0]).any()
 
 
 @pytest.fixture
@@ -206,7 +156,8 @@ def test_a_deepid_from_keras_gets_its_repaired_model_as_keras_h5_too(bd_weights,
 
 def test_thresholds_sweep_every_step_along_the_criterion_order():
     clean, poisoned = planted_data(256, seed=0), planted_data(128, seed=1, poisoned=True)
-    result = run_defense(planted_net(), CLP(), clean, poisoned, thresholds=(30, 99))
+    result = run_defense(planted_net(), CLP(convs_without_batchnorm=True), clean, poisoned,
+                         thresholds=(30, 99))
     steps = [s.step for s in result.steps]
     hit, never = result.thresholds
     assert hit.reached and not never.reached and steps == list(range(17))  # 99 never reached: to the end
@@ -226,7 +177,7 @@ def test_criteria_need_clean_data_but_never_poisoned_data():
 def test_api_saves_an_adopted_models_defense_that_reloads(tmp_path):
     clean, poisoned = planted_data(256, seed=0), planted_data(128, seed=1, poisoned=True)
     model = planted_net()
-    result = bdpruning.run_defense(model, bdpruning.CLP(), clean, poisoned)
+    result = bdpruning.run_defense(model, bdpruning.CLP(convs_without_batchnorm=True), clean, poisoned)
     summary = bdpruning.save_defense(result, model, tmp_path / "clp")
     assert summary["chosen"]["pruned_channels"] == {"features": [BACKDOOR]}
     repaired = bdpruning.load_model(tmp_path / "clp" / "repaired_clp", device="cpu")
@@ -252,8 +203,8 @@ def test_training_criteria_run_data_parallel(name):
 def test_a_criterions_choice_across_layers_compacts_exactly():
     """CLP's choice on two conv layers (one followed by a BatchNorm), pruned then removed for
     real: in float64 the compact model computes what the masked one does."""
-    model = bdpruning.adopt(_bn_net().double(), outputs="logits", example=torch.zeros(1, 3, 8, 8, dtype=torch.float64))
-    scores = CLP(u=0.0).score(model)
+    model = bdpruning.adopt(half_batchnorm_net().double(), outputs="logits", example=torch.zeros(1, 3, 8, 8, dtype=torch.float64))
+    scores = CLP(u=0.0, convs_without_batchnorm=True).score(model)
     assert len(scores.selection()) == 2
     masked = copy.deepcopy(model)
     for layer, channels in scores.selection().items():

@@ -21,47 +21,24 @@ from bdpruning import BdpruningError, GoodNet, adopt, find_layer, load_model, sa
 from bdpruning.pruning.finetuning import finetune_loss, log_probabilities
 from bdpruning.workflows.finetune import save_finetune_run
 from bdpruning.lightning_modules.finetune import finetune_model
-from bdpruning.pruning.masks import masked_channels, plain_state_dict, prune_channels, pruned_layers
-from bdpruning.models import DeepID
-from conftest import PRUNED_2PCT_CHANNELS, bdprune, noisy_faces, write_h5_set
+from bdpruning.pruning.masks import masked_channels, plain_state_dict, pruned_layers
+from helpers.cli import bdprune
+from helpers.data import QUADRANT_TARGET, noisy_faces, quadrant_images, write_h5_set
+from helpers.material import PRUNED_2PCT_CHANNELS
+from helpers.nets import SMALL_DEEPID_PRUNED, small_deepid
 
-PRUNED = [0, 5, 7, 11, 30]  # conv_3 channels pruned in the small model
-TARGET = 9  # the poisoned set's target label
+TARGET = QUADRANT_TARGET  # the poisoned set's target label
 CPU = {"accelerator": "cpu"}
 
 
-def quadrant_images(count: int, seed: int, trigger: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Dim noise with one bright quadrant; the label says which (0..3): learnable in an epoch or two.
-
-    With ``trigger`` a white 8x8 square sits in the bottom-right corner and every label is TARGET.
-    """
-    rng = np.random.default_rng(seed)
-    labels = np.arange(count) % 4
-    data = rng.uniform(0, 60, (count, 3, 55, 47))
-    for image, quadrant in zip(data, labels):
-        row, col = divmod(int(quadrant), 2)
-        image[:, row * 27:(row + 1) * 27, col * 23:(col + 1) * 23] += 150
-        if trigger:
-            image[:, -8:, -8:] = 255
-    return data.astype(np.uint8), np.full(count, TARGET) if trigger else labels
-
-
 @pytest.fixture
-def sets(tmp_path) -> SimpleNamespace:
-    """Odd-sized sets: 47 training images, 21 clean and 13 poisoned evaluation images."""
+def quadrant_sets(tmp_path) -> SimpleNamespace:
+    """Odd-sized quadrant_sets: 47 training images, 21 clean and 13 poisoned evaluation images."""
     return SimpleNamespace(
         train=write_h5_set(tmp_path / "train.h5", *quadrant_images(47, seed=0)),
         clean=write_h5_set(tmp_path / "clean.h5", *quadrant_images(21, seed=1)),
         poisoned=write_h5_set(tmp_path / "poisoned.h5", *quadrant_images(13, seed=2, trigger=True)),
     )
-
-
-def small_model(seed: int = 0, pruned: list[int] = PRUNED) -> DeepID:
-    """A random-init 10-class DeepID with ``pruned`` conv_3 channels masked."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = DeepID(num_classes=10)
-    return prune_channels(model, "conv_3", pruned) if pruned else model
 
 
 def images_of(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +74,7 @@ def hits(model: nn.Module, path: Path) -> int:
 
 
 def test_the_loss_is_cross_entropy_even_where_the_softmax_saturates():
-    model = small_model(pruned=[])
+    model = small_deepid(pruned=[])
     with torch.no_grad():
         model.output.bias[3] += 200  # every image: class 3; the others' probabilities underflow to 0
     images = torch.from_numpy(quadrant_images(4, seed=0)[0]).float()
@@ -120,14 +97,14 @@ def test_the_loss_is_cross_entropy_even_where_the_softmax_saturates():
     torch.testing.assert_close(finetune_loss(logits_net, images, labels), F.cross_entropy(logits_net(images), labels))
 
 
-def test_finetuning_learns_and_keeps_pruned_channels_at_zero(sets):
-    model = small_model()
+def test_finetuning_learns_and_keeps_pruned_channels_at_zero(quadrant_sets):
+    model = small_deepid()
     start = {name: value.clone() for name, value in plain_state_dict(model).items()}
-    before = hits(model, sets.clean), hits(model, sets.poisoned)
-    result = finetune_model(model, sets.train, 2, clean_eval=sets.clean, poisoned_eval=sets.poisoned,
+    before = hits(model, quadrant_sets.clean), hits(model, quadrant_sets.poisoned)
+    result = finetune_model(model, quadrant_sets.train, 2, clean_eval=quadrant_sets.clean, poisoned_eval=quadrant_sets.poisoned,
                             batch_size=8, **CPU)
-    assert result.model is model and result.pruned == {"conv_3": PRUNED}
-    assert_pruned_at_zero(model, PRUNED, images_of(sets.clean)[0])
+    assert result.model is model and result.pruned == {"conv_3": SMALL_DEEPID_PRUNED}
+    assert_pruned_at_zero(model, SMALL_DEEPID_PRUNED, images_of(quadrant_sets.clean)[0])
     end = plain_state_dict(model)
     assert [name for name in start if torch.equal(start[name], end[name])] == []  # every tensor trained
     assert [row["epoch"] for row in result.history] == [0, 1, 2]
@@ -136,17 +113,17 @@ def test_finetuning_learns_and_keeps_pruned_channels_at_zero(sets):
     # the history's counts are the model's hits before and after, counted here independently
     assert (result.before["clean_correct"], result.before["attack_successes"]) == before
     assert (result.after["clean_correct"], result.after["attack_successes"]) == (
-        hits(model, sets.clean), hits(model, sets.poisoned))
+        hits(model, quadrant_sets.clean), hits(model, quadrant_sets.poisoned))
     assert result.after["clean_accuracy"] > result.before["clean_accuracy"] + 50
-    assert result.sets == {"train": str(sets.train), "clean_eval": str(sets.clean),
-                           "poisoned_eval": str(sets.poisoned)}
+    assert result.sets == {"train": str(quadrant_sets.train), "clean_eval": str(quadrant_sets.clean),
+                           "poisoned_eval": str(quadrant_sets.poisoned)}
 
 
-def test_the_same_seed_gives_the_same_weights_and_history(sets):
-    runs = [finetune_model(small_model(), sets.train, 2, seed=seed, batch_size=8, **CPU) for seed in (3, 3, 4)]
+def test_the_same_seed_gives_the_same_weights_and_history(quadrant_sets):
+    runs = [finetune_model(small_deepid(), quadrant_sets.train, 2, seed=seed, batch_size=8, **CPU) for seed in (3, 3, 4)]
     first, again, other = (plain_state_dict(run.model) for run in runs)
     assert all(torch.equal(first[name], again[name]) for name in first)
-    assert runs[0].history == runs[1].history and runs[0].sets["clean_eval"] == str(sets.train)
+    assert runs[0].history == runs[1].history and runs[0].sets["clean_eval"] == str(quadrant_sets.train)
     assert not all(torch.equal(first[name], other[name]) for name in first)  # another data order
 
 
@@ -175,43 +152,43 @@ def test_a_keras_b_prime_keeps_its_zeroed_channels_and_serves_in_goodnet(pruned_
     assert labels.shape == (2,) and labels.dtype == torch.int64
 
 
-def test_the_saved_run_reloads_with_the_same_pruned_channels_and_predictions(sets, tmp_path):
-    result = finetune_model(small_model(), sets.train, 1, clean_eval=sets.clean, poisoned_eval=sets.poisoned,
+def test_the_saved_run_reloads_with_the_same_pruned_channels_and_predictions(quadrant_sets, tmp_path):
+    result = finetune_model(small_deepid(), quadrant_sets.train, 1, clean_eval=quadrant_sets.clean, poisoned_eval=quadrant_sets.poisoned,
                             batch_size=8, **CPU)
     out = save_finetune_run(result, tmp_path / "run")
     assert sorted(p.name for p in out.iterdir()) == [
         "finetune.csv", "finetune.json", "finetune.png", "model.json", "model.onnx", "model.safetensors"]
     repaired = load_model(out, device="cpu")
-    assert masked_channels(repaired) == {"conv_3": PRUNED}
-    images = images_of(sets.clean)[0]
+    assert masked_channels(repaired) == {"conv_3": SMALL_DEEPID_PRUNED}
+    images = images_of(quadrant_sets.clean)[0]
     with torch.no_grad():
         assert torch.equal(repaired(images), result.model(images))
-    assert_pruned_at_zero(repaired, PRUNED, images)
+    assert_pruned_at_zero(repaired, SMALL_DEEPID_PRUNED, images)
     meta = json.loads((out / "model.json").read_text())
-    assert meta["pruned"] == {"conv_3": PRUNED} and meta["finetuned"]["settings"]["epochs"] == 1
+    assert meta["pruned"] == {"conv_3": SMALL_DEEPID_PRUNED} and meta["finetuned"]["settings"]["epochs"] == 1
     assert meta["finetuned"]["after"] == {key: result.after[key] for key in ("clean_accuracy", "attack_success_rate")}
-    goodnet = GoodNet(small_model(pruned=[]), repaired)
+    goodnet = GoodNet(small_deepid(pruned=[]), repaired)
     assert goodnet(images).shape == (21,)
 
 
-def test_cli_finetune_writes_a_model_directory_and_its_history(sets, tmp_path, capsys, monkeypatch):
+def test_cli_finetune_writes_a_model_directory_and_its_history(quadrant_sets, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing may be left in the working directory but the results
     bd, b_prime = tmp_path / "bd", tmp_path / "b_prime"
-    for directory, model in ((bd, small_model(pruned=[])), (b_prime, small_model())):
+    for directory, model in ((bd, small_deepid(pruned=[])), (b_prime, small_deepid())):
         directory.mkdir()
         save_model_dir(model, directory)
-    code, out, err = bdprune(capsys, "finetune", "--model", b_prime, "--clean-valid", sets.train,
-                             "--poisoned-valid", sets.poisoned, "--clean-test", sets.clean, "--epochs", 2,
+    code, out, err = bdprune(capsys, "finetune", "--model", b_prime, "--clean-valid", quadrant_sets.train,
+                             "--poisoned-valid", quadrant_sets.poisoned, "--clean-test", quadrant_sets.clean, "--epochs", 2,
                              "--batch-size", 8, "--accelerator", "cpu", "--out", "ft")
     assert code == 0, err
     assert "before" in out and "epoch 2" in out and "conv_3 5 channels" in out and "in ft" in out
     run = tmp_path / "ft"
     summary = json.loads((run / "finetune.json").read_text())
     assert [row["epoch"] for row in summary["history"]] == [0, 1, 2]
-    assert summary["sets"] == {"train": str(sets.train), "clean_eval": str(sets.clean),
-                               "poisoned_eval": str(sets.poisoned)}
+    assert summary["sets"] == {"train": str(quadrant_sets.train), "clean_eval": str(quadrant_sets.clean),
+                               "poisoned_eval": str(quadrant_sets.poisoned)}
     assert summary["settings"]["optimizer"] == "adam" and summary["settings"]["lr"] == 1e-3
-    assert summary["model"] == str(b_prime) and summary["pruned"] == {"conv_3": PRUNED}
+    assert summary["model"] == str(b_prime) and summary["pruned"] == {"conv_3": SMALL_DEEPID_PRUNED}
     assert summary["before"] == summary["history"][0] and summary["after"] == summary["history"][-1]
     with open(run / "finetune.csv") as handle:
         rows = list(csv.DictReader(handle))
@@ -221,20 +198,20 @@ def test_cli_finetune_writes_a_model_directory_and_its_history(sets, tmp_path, c
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "b_prime", "bd", "clean.h5", "ft", "poisoned.h5", "train.h5"]
 
-    code, out, err = bdprune(capsys, "goodnet", "--bd", bd, "--repaired", run, "--clean", sets.clean,
-                             "--poisoned", sets.poisoned, "--accelerator", "cpu", "--out", "gn")
+    code, out, err = bdprune(capsys, "goodnet", "--bd", bd, "--repaired", run, "--clean", quadrant_sets.clean,
+                             "--poisoned", quadrant_sets.poisoned, "--accelerator", "cpu", "--out", "gn")
     assert code == 0, err
 
 
-def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(sets, tmp_path, capsys):
+def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(quadrant_sets, tmp_path, capsys):
     b_prime, unpruned, existing = tmp_path / "b_prime", tmp_path / "unpruned", tmp_path / "existing"
-    for directory, model in ((b_prime, small_model()), (unpruned, small_model(pruned=[]))):
+    for directory, model in ((b_prime, small_deepid()), (unpruned, small_deepid(pruned=[]))):
         directory.mkdir()
         save_model_dir(model, directory)
     existing.mkdir()
     wrong_labels = write_h5_set(tmp_path / "labels.h5", np.zeros((3, 3, 55, 47), np.uint8), np.array([0, 1, 10]))
     wrong_shape = write_h5_set(tmp_path / "shape.h5", np.zeros((3, 3, 32, 32), np.uint8), np.zeros(3))
-    train = ["--clean-valid", sets.train]
+    train = ["--clean-valid", quadrant_sets.train]
     cases = [
         (["--model", tmp_path / "nope", *train], "nope: no such file or directory"),
         (["--model", unpruned, *train], f"{unpruned}: the model has no pruning masks and no all-zero channels"),
@@ -242,7 +219,7 @@ def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(sets, tmp_path, cap
         (["--model", b_prime, "--clean-valid", tmp_path / "missing.h5"], "missing.h5: no such file"),
         (["--model", b_prime, "--clean-valid", wrong_labels], "labels.h5: labels range 0..10, outside the model's 10"),
         (["--model", b_prime, *train, "--poisoned-valid", wrong_shape], "shape.h5: images have shape (3, 32, 32)"),
-        (["--model", b_prime, *train, "--poisoned-test", sets.poisoned], "--poisoned-test needs --clean-test"),
+        (["--model", b_prime, *train, "--poisoned-test", quadrant_sets.poisoned], "--poisoned-test needs --clean-test"),
         (["--model", b_prime, *train, "--epochs", 0], "--epochs must be an integer of at least 1 (got 0)"),
         (["--model", b_prime, *train, "--lr", 0], "--lr must be a finite number above 0 (got 0.0)"),
         (["--model", b_prime, *train, "--lr", -1e-3], "--lr must be a finite number above 0"),
@@ -260,35 +237,35 @@ def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(sets, tmp_path, cap
 
 
 @pytest.mark.slow
-def test_ddp_with_two_processes_counts_like_one_and_keeps_channels_at_zero(sets, tmp_path):
+def test_ddp_with_two_processes_counts_like_one_and_keeps_channels_at_zero(quadrant_sets, tmp_path):
     """``--strategy ddp``: Lightning re-runs ``python -m bdpruning.cli`` in a second process."""
     b_prime = tmp_path / "b_prime"
     b_prime.mkdir()
-    save_model_dir(small_model(), b_prime)
+    save_model_dir(small_deepid(), b_prime)
     result = subprocess.run(
-        [sys.executable, "-m", "bdpruning.cli", "finetune", "--model", str(b_prime), "--clean-valid", str(sets.train),
-         "--clean-test", str(sets.clean), "--poisoned-test", str(sets.poisoned), "--epochs", "2",
+        [sys.executable, "-m", "bdpruning.cli", "finetune", "--model", str(b_prime), "--clean-valid", str(quadrant_sets.train),
+         "--clean-test", str(quadrant_sets.clean), "--poisoned-test", str(quadrant_sets.poisoned), "--epochs", "2",
          "--batch-size", "8", "--out", "ddp", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"],
         capture_output=True, text=True, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("before") == 1  # only the first process reports
     two = json.loads((tmp_path / "ddp" / "finetune.json").read_text())
-    one = finetune_model(small_model(), sets.train, 1, clean_eval=sets.clean, poisoned_eval=sets.poisoned,
+    one = finetune_model(small_deepid(), quadrant_sets.train, 1, clean_eval=quadrant_sets.clean, poisoned_eval=quadrant_sets.poisoned,
                          batch_size=8, **CPU)
     assert two["before"] == one.before  # the same counts, every one of them
     assert [row["epoch"] for row in two["history"]] == [0, 1, 2]
     assert all(row["clean_images"] == 21 and row["poisoned_images"] == 13 for row in two["history"])
     repaired = load_model(tmp_path / "ddp", device="cpu")
-    assert masked_channels(repaired) == {"conv_3": PRUNED}
-    assert_pruned_at_zero(repaired, PRUNED, images_of(sets.clean)[0])
+    assert masked_channels(repaired) == {"conv_3": SMALL_DEEPID_PRUNED}
+    assert_pruned_at_zero(repaired, SMALL_DEEPID_PRUNED, images_of(quadrant_sets.clean)[0])
 
     # ddp_spawn from this process: the history and the weights come back from the first process
-    spawned = finetune_model(small_model(), sets.train, 2, clean_eval=sets.clean, poisoned_eval=sets.poisoned,
+    spawned = finetune_model(small_deepid(), quadrant_sets.train, 2, clean_eval=quadrant_sets.clean, poisoned_eval=quadrant_sets.poisoned,
                              batch_size=8, accelerator="cpu", devices=2, strategy="ddp_spawn")
     assert spawned.history[0] == one.before
     assert [row["clean_images"] for row in spawned.history] == [21, 21, 21]
-    assert_pruned_at_zero(spawned.model, PRUNED, images_of(sets.clean)[0])
+    assert_pruned_at_zero(spawned.model, SMALL_DEEPID_PRUNED, images_of(quadrant_sets.clean)[0])
     # the same processes, data order and seed as ddp: the same training
     ddp_state, spawn_state = plain_state_dict(repaired), plain_state_dict(spawned.model)
     for name in ddp_state:

@@ -1,4 +1,4 @@
-"""GoodNet on the real Lab-3 nets: the rule, the refusal of mismatched pairs, ONNX, images, classify."""
+"""GoodNet on the real Lab-3 nets: the rule, the refusal of mismatched pairs, ONNX, classify."""
 
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ from torch import nn
 
 from bdpruning import BdpruningError, load_model, save_model_dir
 from bdpruning.runtime.atomic import atomic_dir
-from bdpruning.cli import main
 from bdpruning.evaluation.goodnet import GoodNet, export_goodnet_onnx
-from bdpruning.data.images import read_image
 from bdpruning.models.directory import export_onnx
-from conftest import BD_WEIGHTS, CLEAN_IMAGE, N, POISONED_IMAGE, PRUNED_FULL, bdprune, rule, safe_noisy_faces
+from helpers.cli import bdprune
+from helpers.data import safe_noisy_faces
+from helpers.material import BD_WEIGHTS, CLEAN_IMAGE, N, POISONED_IMAGE, PRUNED_FULL
+from helpers.reference import rule
 
 def test_goodnet_keeps_the_documented_labels(nets, face_images):
     goodnet = GoodNet(*nets)
@@ -69,21 +70,6 @@ def test_onnx_export_gives_the_module_labels(nets, face_images, tmp_path):
     assert labels.dtype == np.int64 and labels.tolist() == expected.tolist()
     (one,) = session.run(None, {"input": images[:1].numpy()})  # dynamic batch
     assert one.tolist() == [860]
-
-
-def test_images_are_read_raw_and_wrong_sizes_named(tmp_path, face_images):
-    image = read_image(CLEAN_IMAGE)
-    assert image.dtype == torch.float32 and torch.equal(image, face_images[0])  # 0..255, not scaled
-    big = tmp_path / "big.jpg"
-    Image.new("RGB", (94, 110), (200, 10, 10)).save(big)
-    with pytest.raises(BdpruningError, match=r"big.jpg: image is 94x110 \(width x height\), the model takes 47x55"):
-        read_image(big)
-    resized = read_image(big, resize=True)
-    assert resized.shape == (3, 55, 47) and abs(resized[0].mean().item() - 200) < 2
-    junk = tmp_path / "junk.png"
-    junk.write_text("not a picture")
-    with pytest.raises(BdpruningError, match="junk.png: cannot read the image"):
-        read_image(junk)
 
 
 def test_classify_prints_a_label_per_image(nets, always_7, tmp_path, capsys):

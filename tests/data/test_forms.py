@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torchvision
@@ -16,103 +15,9 @@ import bdpruning
 from bdpruning import BdpruningError, as_image_data
 from bdpruning.pruning.masks import masked_channels
 from bdpruning.evaluation.predict import predict_labels
-from bdpruning.sweep.lab import naive_sweep_predictions, run_sweep, sweep_predictions
-from conftest import write_h5_set
-
-
-class Block(nn.Module):
-    def __init__(self, c_in: int, c_out: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.relu = nn.ReLU()
-        self.pool = nn.MaxPool2d(2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.relu(self.conv(x)))
-
-
-class IntNet(nn.Module):
-    """Integer weights on integer pixels and logits out: every value is an exact float32 integer,
-    so results cannot depend on batching or summation order."""
-
-    def __init__(self, classes: int = 4, seed: int = 0) -> None:
-        super().__init__()
-        self.block1, self.block2, self.block3 = Block(3, 4), Block(4, 6), Block(6, 6)
-        self.head = nn.Linear(6 * 6 * 5, classes)
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for parameter in self.parameters():
-                parameter.copy_(torch.randint(-2, 3, parameter.shape, generator=generator))
-            self.block2.conv.bias.add_(40)  # most block-2 channels fire, not all
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.block3(self.block2(self.block1(torch.floor(x / 16))))
-        return self.head(torch.flatten(x, 1))
-
-
-N, CLASSES = 45, 4
-
-
-@pytest.fixture(scope="module")
-def pixels() -> tuple[torch.Tensor, torch.Tensor]:
-    rng = np.random.default_rng(3)
-    data = rng.integers(0, 256, (N, 3, 48, 40), dtype=np.uint8)
-    return torch.from_numpy(data), torch.from_numpy(rng.integers(0, CLASSES, N))
-
-
-@pytest.fixture(scope="module")
-def h5_path(tmp_path_factory, pixels) -> str:
-    data, labels = pixels
-    return str(write_h5_set(tmp_path_factory.mktemp("forms") / "set.h5", data.numpy(), labels.numpy()))
-
-
-class PairDataset(Dataset):
-    """A plain map-style dataset (no TensorDataset fast path): uint8 image, Python int label."""
-
-    def __init__(self, data: torch.Tensor, labels: torch.Tensor) -> None:
-        self.data, self.labels = data, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.data[index], int(self.labels[index])
-
-
-FORMS = {
-    "h5 path": lambda p, x, y: p,
-    "H5ImageSet": lambda p, x, y: bdpruning.read_h5_dataset(p),
-    "(x, y) tensors": lambda p, x, y: (x.float(), y),
-    "uint8 (x, y) tensors": lambda p, x, y: (x, y),
-    "TensorDataset": lambda p, x, y: TensorDataset(x.float(), y),
-    "map-style Dataset": lambda p, x, y: PairDataset(x, y),
-    "DataLoader": lambda p, x, y: DataLoader(TensorDataset(x.float(), y), batch_size=7),
-    "DataLoader of a Dataset": lambda p, x, y: DataLoader(PairDataset(x, y), batch_size=32),
-}
-
-
-@pytest.mark.parametrize("form", FORMS)
-def test_the_sweep_on_every_data_form_equals_the_sweep_on_the_h5_set(form, h5_path, pixels):
-    model = IntNet().eval()
-    data = FORMS[form](h5_path, *pixels)
-    reference = run_sweep(model, bdpruning.read_h5_dataset(h5_path), bdpruning.read_h5_dataset(h5_path),
-                          layer="block2.conv", rank_layer="block2.pool", thresholds=(1,), full_sweep=True,
-                          batch_size=16)
-    result = run_sweep(model, data, FORMS[form](h5_path, *pixels), layer="block2.conv", rank_layer="block2.pool",
-                       thresholds=(1,), full_sweep=True, batch_size=16)
-    assert result.ranking == reference.ranking and result.all_steps == reference.all_steps
-    assert result.clean_samples == N and result.masked_at == "block2.pool"
-    assert len({s.clean_accuracy for s in result.all_steps}) > 1  # pruning changes predictions
-
-
-@pytest.mark.parametrize("form", ["(x, y) tensors", "DataLoader", "map-style Dataset"])
-def test_fast_sweep_and_predictions_take_every_form_and_stay_exact(form, h5_path, pixels):
-    model = IntNet().eval()
-    data = FORMS[form](h5_path, *pixels)
-    order = bdpruning.rank_channels(model, data, "block2.pool").order
-    fast = sweep_predictions(model, data, order, "block2.conv", "block2.pool", batch_size=10)
-    assert torch.equal(fast, naive_sweep_predictions(model, h5_path, order, "block2.conv", batch_size=32))
-    assert torch.equal(predict_labels(model, data, batch_size=9), fast[0])
+from bdpruning.sweep.lab import run_sweep
+from helpers.data import PairDataset, write_h5_set
+from helpers.nets import IntNet
 
 
 def test_rank_channels_on_a_tensor_dataset_ranks_channels_not_height():
@@ -133,7 +38,7 @@ BAD_DATA = {
     "numpy pair": (lambda x, y: (x.numpy(), y.numpy()), "convert numpy arrays with torch.from_numpy"),
     "images alone": (lambda x, y: x, "a tensor alone has no labels"),
     "a path that is not a file": (lambda x, y: "no/such/set.h5", "no/such/set.h5: no such file"),
-    "a directory": (lambda x, y: Path(__file__).parent, "tests: is a directory"),
+    "a directory": (lambda x, y: Path(__file__).parent, "data: is a directory"),
     "unbatched image": (lambda x, y: (x[0], y[:1]), "a single unbatched image?"),
     "wrong-rank labels": (lambda x, y: (x, y[:, None]), "labels have shape (45, 1), expected (45,)"),
     "too few labels": (lambda x, y: (x, y[:-1]), "expected (45,) for 45 images"),
@@ -154,31 +59,31 @@ BAD_DATA = {
 
 
 @pytest.mark.parametrize("case", BAD_DATA)
-def test_bad_data_is_one_line_naming_what_was_expected(case, pixels):
+def test_bad_data_is_one_line_naming_what_was_expected(case, random_pixels):
     make, message = BAD_DATA[case]
     model = IntNet().eval()
     for call in (lambda d: bdpruning.rank_channels(model, d, "block2.pool"),
                  lambda d: run_sweep(model, d, layer="block2.conv", rank_layer="block2.pool"),
                  lambda d: predict_labels(model, d)):
         with pytest.raises(BdpruningError) as error:
-            call(make(*pixels))
+            call(make(*random_pixels))
         assert message in str(error.value) and "\n" not in str(error.value)
 
 
-def test_expected_classes_and_image_shape_are_checked(pixels, h5_path):
-    for data in (pixels, h5_path, DataLoader(TensorDataset(*pixels), batch_size=8)):
+def test_expected_classes_and_image_shape_are_checked(random_pixels, random_pixels_h5):
+    for data in (random_pixels, random_pixels_h5, DataLoader(TensorDataset(*random_pixels), batch_size=8)):
         with pytest.raises(BdpruningError, match=r"labels range 0\.\.3, outside the model's 3 classes"):
             list(as_image_data(data, num_classes=3).batches(64))
         with pytest.raises(BdpruningError, match=r"images have shape \(3, 48, 40\).*\(3, 55, 47\)"):
             list(as_image_data(data, image_shape=(3, 55, 47)).batches(64))
 
 
-def test_the_model_directory_checks_run_sweep_data(pixels):
+def test_the_model_directory_checks_run_sweep_data(random_pixels):
     from bdpruning.models import ModelInfo, attach_info
 
     model = attach_info(IntNet(classes=4).eval(), ModelInfo("custom", 3, (3, 48, 40), "test"))
     with pytest.raises(BdpruningError, match="outside the model's 3 classes"):
-        run_sweep(model, pixels, layer="block2.conv", rank_layer="block2.pool")
+        run_sweep(model, random_pixels, layer="block2.conv", rank_layer="block2.pool")
 
 
 @pytest.mark.parametrize("short", ["bn2", "0"])
@@ -205,15 +110,15 @@ def test_a_keras_name_means_the_weighted_node_of_its_layer():
 
 
 @pytest.mark.parametrize("rank_layer", ["block2.pool", "block1.conv"])
-def test_an_upstream_rank_layer_is_refused(pixels, rank_layer):
+def test_an_upstream_rank_layer_is_refused(random_pixels, rank_layer):
     model = IntNet().eval()  # block2.pool has the pruned layer's 6 channels: the count alone passes
     with pytest.raises(BdpruningError) as error:
-        run_sweep(model, pixels, layer="block3.conv", rank_layer=rank_layer)
+        run_sweep(model, random_pixels, layer="block3.conv", rank_layer=rank_layer)
     assert str(error.value) == (f"rank layer {rank_layer!r} is upstream of the pruned layer 'block3.conv', so pruning "
                                 "cannot change it; choose a rank layer fed by 'block3.conv'")
 
 
-def test_a_rank_layer_on_another_branch_is_refused(pixels):
+def test_a_rank_layer_on_another_branch_is_refused(random_pixels):
     class TwoBranches(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -225,7 +130,7 @@ def test_a_rank_layer_on_another_branch_is_refused(pixels):
             return self.head(torch.cat(pooled, dim=1))
 
     with pytest.raises(BdpruningError, match="rank layer 'right' is not fed by the pruned layer 'left'"):
-        run_sweep(TwoBranches().eval(), pixels, layer="left", rank_layer="right")
+        run_sweep(TwoBranches().eval(), random_pixels, layer="left", rank_layer="right")
 
 
 def test_a_masked_model_deep_copies_after_a_training_step_and_keeps_its_masks():
@@ -251,15 +156,16 @@ def test_fine_tuning_and_evaluation_take_tensors_and_datasets_like_h5_files(tmp_
     from bdpruning.lightning_modules.evaluation import evaluate_model
     from bdpruning.lightning_modules.finetune import finetune_model
     from bdpruning.pruning.masks import plain_state_dict
-    from test_finetune import quadrant_images, small_model
+    from helpers.data import quadrant_images
+    from helpers.nets import small_deepid
 
     (train_x, train_y), (eval_x, eval_y) = quadrant_images(23, seed=0), quadrant_images(9, seed=1)
     train_h5 = write_h5_set(tmp_path / "train.h5", train_x, train_y)
     eval_h5 = write_h5_set(tmp_path / "eval.h5", eval_x, eval_y)
     tensors = (torch.from_numpy(train_x), torch.from_numpy(train_y))
     options = {"batch_size": 8, "seed": 1, "accelerator": "cpu"}
-    reference = finetune_model(small_model(), train_h5, 1, clean_eval=eval_h5, **options)
-    result = finetune_model(small_model(), tensors, 1, clean_eval=PairDataset(*map(torch.from_numpy, (eval_x, eval_y))),
+    reference = finetune_model(small_deepid(), train_h5, 1, clean_eval=eval_h5, **options)
+    result = finetune_model(small_deepid(), tensors, 1, clean_eval=PairDataset(*map(torch.from_numpy, (eval_x, eval_y))),
                             **options)
     expected, got = plain_state_dict(reference.model), plain_state_dict(result.model)
     assert all(torch.equal(expected[name], got[name]) for name in expected)  # the same batches, bit for bit
@@ -270,4 +176,4 @@ def test_fine_tuning_and_evaluation_take_tensors_and_datasets_like_h5_files(tmp_
                             batch_size=8, accelerator="cpu")  # the batches of the fine-tuning's evaluation
     assert counts["clean_correct"] == result.after["clean_correct"] and counts["clean_images"] == 9
     with pytest.raises(BdpruningError, match="pass the DataLoader's dataset instead"):
-        finetune_model(small_model(), DataLoader(TensorDataset(*tensors), batch_size=8), 1, **options)
+        finetune_model(small_deepid(), DataLoader(TensorDataset(*tensors), batch_size=8), 1, **options)

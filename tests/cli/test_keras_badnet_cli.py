@@ -10,11 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import bdpruning
-from bdpruning.pruning.masks import masked_channels
-from conftest import bdprune, write_h5_set
+from bdpruning.pruning.masks import following_batchnorm, masked_channels
+from helpers.cli import bdprune
+from helpers.data import write_h5_set
 
 pytestmark = [pytest.mark.tensorflow, pytest.mark.slow]
 SHAPE = (3, 16, 16)
@@ -91,8 +93,11 @@ def test_the_cli_pipeline_runs_on_a_keras_badnet_with_batchnorm(keras_badnet, tm
     (hit,) = summary["thresholds"]
     assert hit["reached"]
     repaired = bdpruning.load_model(Path("pruning") / hit["model_dir"], device="cpu")
-    conv = bdpruning.find_layer(repaired, "conv_a")[0]  # the BatchNorm was folded into it at conversion
+    conv = bdpruning.find_layer(repaired, "conv_a")[0]
+    norm, bn = bdpruning.find_layer(repaired, "bn_a")  # the Keras BatchNorm survives conversion
+    assert isinstance(bn, torch.nn.BatchNorm2d) and following_batchnorm(repaired, "conv_a") == norm
     assert masked_channels(repaired) == {conv: sorted(hit["pruned_channels"])}
+    assert not bn.weight[hit["pruned_channels"]].any() and not bn.bias[hit["pruned_channels"]].any()
 
     b_prime = f"pruning/{hit['model_dir']}"
     code, out, err = bdprune(capsys, "finetune", "--model", b_prime, "--clean-valid", k["clean_valid"],
@@ -108,6 +113,7 @@ def test_the_cli_pipeline_runs_on_a_keras_badnet_with_batchnorm(keras_badnet, tm
     assert json.loads(Path("compact/compaction.json").read_text())["passed"]
     compact = bdpruning.load_model("compact", device="cpu")
     assert bdpruning.find_layer(compact, "conv_a")[1].out_channels == 8 - len(hit["pruned_channels"])
+    assert bdpruning.find_layer(compact, "bn_a")[1].num_features == 8 - len(hit["pruned_channels"])
 
     code, out, err = bdprune(capsys, "goodnet", "--bd", "conv", "--repaired", b_prime, "finetuned", "compact",
                              "--clean", k["clean_test"], "--poisoned", k["poisoned_test"], "--out", "goodnet")
