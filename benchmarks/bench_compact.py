@@ -25,7 +25,7 @@ from bdpruning.pruning.compaction import compact_model, model_cost
 from bdpruning.convert import parity
 from bdpruning.models.loading import load_model
 from bdpruning.pruning.masks import prune_channels, pruned_layers
-from bdpruning.models.directory import export_onnx
+from bdpruning.models.onnx_graph import export_onnx
 from bdpruning.models import model_info
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -27,7 +27,7 @@ import torch
 from bdpruning.convert import parity
 from bdpruning.convert.keras_to_onnx import load_keras, to_onnx
 from bdpruning.models.loading import load_model
-from bdpruning.models.directory import onnx_to_torch
+from bdpruning.models.onnx_graph import onnx_to_torch
 from bdpruning.models import DEEPID_INPUT_SHAPE, DeepID
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -111,7 +111,7 @@ def _keras(model_path: Path, images: np.ndarray):
 def _onnx2torch(model_path: Path):
     try:
         from bdpruning.convert.keras_to_onnx import load_keras, to_onnx
-        from bdpruning.models.directory import onnx_to_torch
+        from bdpruning.models.onnx_graph import onnx_to_torch
     except ImportError:
         return None
     return onnx_to_torch(to_onnx(load_keras(model_path), model_path), model_path).eval()

@@ -53,7 +53,7 @@ class H5DataModule(pl.LightningDataModule):
 
     The sets are opened and validated here, in the launching process, so a bad file is one
     clear error before any worker process starts; labels are checked against ``num_classes``
-    and images against ``image_shape`` (pass the model's).
+    and images against ``image_shape`` and ``input_range`` (pass the model's).
     """
 
     def __init__(
@@ -68,6 +68,7 @@ class H5DataModule(pl.LightningDataModule):
         image_shape: Sequence[int] | None = None,
         clean_train: DataLike | None = None,
         seed: int = 0,
+        input_range: str | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1 or num_workers < 0:
@@ -78,7 +79,8 @@ class H5DataModule(pl.LightningDataModule):
         def read(data: DataLike | None) -> Dataset | None:
             if data is None:
                 return None
-            dataset = as_image_data(data, num_classes=num_classes, image_shape=image_shape).as_dataset()
+            dataset = as_image_data(data, num_classes=num_classes, image_shape=image_shape,
+                                    input_range=input_range).as_dataset()
             self.named_sets.append((data_name(data), dataset))
             return dataset
 
@@ -89,9 +91,11 @@ class H5DataModule(pl.LightningDataModule):
 
     @classmethod
     def for_model(cls, model: nn.Module, **sets_and_options) -> "H5DataModule":
-        """The sets, checked against ``model``'s classes and input shape (see :func:`bdpruning.model_info`)."""
+        """The sets, checked against ``model``'s classes, input shape and input range (see
+        :func:`bdpruning.model_info`)."""
         info = model_info(model)
-        return cls(**sets_and_options, num_classes=info.num_classes, image_shape=info.input_shape)
+        return cls(**sets_and_options, num_classes=info.num_classes, image_shape=info.input_shape,
+                   input_range=info.input_range)
 
     @staticmethod
     def _ordered(clean: Dataset | None, poisoned: Dataset | None, stage: str) -> list[Dataset]:

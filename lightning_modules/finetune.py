@@ -18,12 +18,14 @@ import time
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 from torchmetrics import MeanMetric, Metric
 
 from bdpruning.pruning.finetuning import (
     FinetuneResult, check_finetune_settings, finetune_loss, history_rows, keep_pruned_at_zero, make_optimizer,
 )
 from bdpruning.data.forms import data_name
+from bdpruning.models.outputs import check_output_contract
 from bdpruning.pruning.masks import refresh_masked_weights
 from bdpruning.evaluation.metrics import EVALUATION_COUNTS
 from bdpruning.numerics.precision import precision_record
@@ -102,6 +104,18 @@ class FinetuneModule(EvaluationModule):
             log.info("epoch %d%s: %s", row, " (before)" if row == 0 else "", ", ".join(parts))
 
 
+def _check_first_batch(model: nn.Module, train_set: Dataset, batch_size: int) -> None:
+    """The output contract on the first training batch, before any process starts."""
+    count = min(batch_size, len(train_set))
+    images = torch.stack([train_set[i][0] for i in range(count)])
+    parameter = next(model.parameters())
+    was_training = model.training
+    with torch.no_grad():
+        outputs = model.eval()(images.to(device=parameter.device, dtype=parameter.dtype))
+    model.train(was_training)
+    check_output_contract(model, outputs)
+
+
 def finetune_model(
     model: nn.Module,
     clean_train: DataLike,
@@ -114,7 +128,7 @@ def finetune_model(
     batch_size: int = 64,
     num_workers: int = 0,
     seed: int = 0,
-    layer: str = "conv_3",
+    layer: str | None = None,
     tf32: bool = False,
     **trainer_options,
 ) -> FinetuneResult | None:
@@ -123,8 +137,10 @@ def finetune_model(
     Each set is an HDF5 path or another form with random access (see :class:`~.data.H5DataModule`).
 
     Clean accuracy and ASR are measured on ``clean_eval`` (default: ``clean_train``) and
-    ``poisoned_eval`` before training and after every epoch. Mask-less models get masks on the
-    all-zero channels of ``layer`` first (see :func:`bdpruning.pruning.finetuning.keep_pruned_at_zero`).
+    ``poisoned_eval`` before training and after every epoch. A model keeps its pruning masks;
+    a mask-less one gets masks on the all-zero channels of ``layer`` first (default: DeepID's
+    ``conv_3``; see :func:`bdpruning.pruning.finetuning.keep_pruned_at_zero`). The loss follows the
+    model's output contract, checked on the first batch (:func:`~bdpruning.models.outputs.check_output_contract`).
     The data order is the only randomness and ``seed`` fixes it: on CPU the same seed gives the
     same weights. Training keeps torch's float32 precision (on CUDA cuDNN may use TF32); the
     evaluation runs in IEEE fp32 unless ``tf32``; ``settings["precision"]`` records both (with
@@ -139,6 +155,7 @@ def finetune_model(
                                   batch_size=batch_size, num_workers=num_workers, seed=seed)
     pruned = keep_pruned_at_zero(model, layer)
     refresh_masked_weights(model)  # a leaf without autograd history: ddp_spawn must pickle it
+    _check_first_batch(model, data.train_set, batch_size)
     # load_model gives eval mode; Lightning keeps it
     module = FinetuneModule(model.train(), epochs, optimizer, lr, tf32)
     # num_sanity_val_steps=-1: the whole evaluation runs before the first epoch (the "before" row)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import add_tf32_argument
+from .options import add_model_arguments, add_tf32_argument, model_options
 
 __all__ = ["add_arguments", "run"]
 
@@ -15,6 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repaired", required=True, help="the repaired model B'")
     parser.add_argument("--resize", action="store_true", help="resize images of another size (bilinear)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_model_arguments(parser)
     add_tf32_argument(parser)
 
 
@@ -28,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
     from ..numerics.precision import precision_context
 
     device = resolve_device(args.device)
-    goodnet = GoodNet(load_model(args.bd, device), load_model(args.repaired, device))
+    goodnet = GoodNet(load_model(args.bd, device, **model_options(args)),
+                      load_model(args.repaired, device, **model_options(args)))
     images = read_images(args.images, goodnet.input_shape, resize=args.resize).to(device)
     with torch.inference_mode(), precision_context(args.tf32):
         bd_probs, repaired_probs = goodnet.outputs(images)

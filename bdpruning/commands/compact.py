@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .options import add_tf32_argument
+from .options import add_model_arguments, add_tf32_argument, model_options
 
 __all__ = ["add_arguments", "run"]
 
@@ -26,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tolerance", type=float, default=1e-5,
                         help="largest absolute output difference allowed (default: 1e-5)")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+    add_model_arguments(parser)
     add_tf32_argument(parser)
 
 
@@ -33,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     from ..workflows.compact import compact_directory
 
     report = compact_directory(args.model, args.out, layer=args.layer, data=args.data, samples=args.samples,
-                               seed=args.seed, tolerance=args.tolerance, force=args.force, tf32=args.tf32)
+                               seed=args.seed, tolerance=args.tolerance, force=args.force, tf32=args.tf32,
+                               model_options=model_options(args))
     for step in report["removed"]:
         members = ", ".join(f"{m['layer']} ({m['role']})" for m in step["members"][1:])
         print(f"{step['layer']}: removed {step['count']} of {step['of']} channels; also shrank {members}")

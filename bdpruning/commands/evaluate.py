@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .options import add_lightning_arguments, lightning_options, one_device
+from .options import add_lightning_arguments, add_model_arguments, lightning_options, model_options, one_device
 
 __all__ = ["add_arguments", "run"]
 
@@ -18,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="Keras .h5, ONNX file or bdpruning model directory")
     parser.add_argument("--clean", required=True, help="clean test set (HDF5 data/label)")
     parser.add_argument("--poisoned", help="poisoned test set; its labels hold the attacker's target")
-    parser.add_argument("--out", default="runs/evaluate.json", help="JSON results (default: runs/evaluate.json)")
+    parser.add_argument("--out", help="also write the results to this JSON file")
+    add_model_arguments(parser)
     add_lightning_arguments(parser)
 
 
@@ -36,25 +37,27 @@ def run(args: argparse.Namespace) -> int:
         from ..evaluation.local_counts import count_evaluation
         from ..runtime.devices import resolve_device
 
-        model = load_model(args.model, device=resolve_device(device))
+        model = load_model(args.model, device=resolve_device(device), **model_options(args))
         results = count_evaluation(model, args.clean, args.poisoned, batch_size=args.batch_size, tf32=args.tf32)
     else:
         from ..lightning_modules.evaluation import evaluate_model
 
-        model = load_model(args.model, device="cpu")
+        model = load_model(args.model, device="cpu", **model_options(args))
         results = evaluate_model(model, args.clean, args.poisoned, **lightning_options(args))
     if results is None:  # an extra ddp process: the first one reports
         return 0
     results = {"model": args.model, "clean": args.clean, "poisoned": args.poisoned, **results,
                "precision": precision_record(args.tf32)}
-    with atomic_file(args.out) as handle:
-        json.dump(results, handle, indent=2)
-        handle.write("\n")
+    if args.out:
+        with atomic_file(args.out) as handle:
+            json.dump(results, handle, indent=2)
+            handle.write("\n")
     print(f"model                {args.model}")
     print(f"clean accuracy       {_rate(results['clean_accuracy']):>9}  "
           f"({results['clean_correct']} of {results['clean_images']})")
     if args.poisoned:
         print(f"attack success rate  {_rate(results['attack_success_rate']):>9}  "
               f"({results['attack_successes']} of {results['poisoned_images']})")
-    print(f"results in {args.out}")
+    if args.out:
+        print(f"results in {args.out}")
     return 0

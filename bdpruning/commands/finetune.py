@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import add_lightning_arguments, lightning_options
+from .options import add_lightning_arguments, add_model_arguments, lightning_options, model_options
 
 __all__ = ["add_arguments", "run"]
 
@@ -30,11 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float,
                         help="learning rate (default: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data order (default: 0)")
-    parser.add_argument("--layer", default="conv_3",
+    parser.add_argument("--layer",
                         help="for a model without pruning masks: the layer whose all-zero channels stay zero "
-                             "(default: conv_3)")
+                             "(default: a saved B' keeps its masks; conv_3 for a DeepID .h5)")
     parser.add_argument("--out", required=True, help="output directory (must not exist unless --force)")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+    add_model_arguments(parser)
     add_lightning_arguments(parser)
     parser.set_defaults(batch_size=64)  # a training batch; the evaluation uses the same
 
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if args.poisoned_test and not args.clean_test:
         raise BdpruningError(f"{args.poisoned_test}: --poisoned-test needs --clean-test")
     out = prepare_out_dir(args.out, args.force)
-    model = load_model(args.model, device="cpu")
+    model = load_model(args.model, device="cpu", **model_options(args))
     try:
         keep_pruned_at_zero(model, args.layer)
     except BdpruningError as exc:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .options import add_lightning_arguments, lightning_options, one_device
+from .options import add_lightning_arguments, add_model_arguments, lightning_options, model_options, one_device
 
 __all__ = ["add_arguments", "run"]
 
@@ -27,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/goodnet",
                         help="output directory for goodnet.json and goodnet.png (default: runs/goodnet)")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+    add_model_arguments(parser)
     add_lightning_arguments(parser)
 
 
@@ -52,14 +53,14 @@ def run(args: argparse.Namespace) -> int:
         from ..evaluation.local_counts import count_goodnets
         from ..runtime.devices import resolve_device
 
-        bd = load_model(args.bd, device=resolve_device(device))
-        repaired = [load_model(path, device=resolve_device(device)) for path in args.repaired]
+        bd = load_model(args.bd, device=resolve_device(device), **model_options(args))
+        repaired = [load_model(path, device=resolve_device(device), **model_options(args)) for path in args.repaired]
         rates = count_goodnets(bd, repaired, args.clean, args.poisoned, batch_size=args.batch_size, tf32=args.tf32)
     else:
         from ..lightning_modules.goodnet import evaluate_goodnets
 
-        bd = load_model(args.bd, device="cpu")
-        repaired = [load_model(path, device="cpu") for path in args.repaired]
+        bd = load_model(args.bd, device="cpu", **model_options(args))
+        repaired = [load_model(path, device="cpu", **model_options(args)) for path in args.repaired]
         rates = evaluate_goodnets(bd, repaired, args.clean, args.poisoned, **lightning_options(args))
     if rates is None:  # an extra ddp process: the first one reports
         return 0

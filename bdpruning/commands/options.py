@@ -1,5 +1,6 @@
 """Command-line options shared by several ``bdprune`` commands: devices and data loading for
-the Lightning commands, and ``--tf32`` for every command that reports numbers."""
+the Lightning commands, ``--tf32`` for every command that reports numbers, and ``--outputs`` /
+``--input-range`` for every command that loads a model."""
 
 from __future__ import annotations
 
@@ -8,7 +9,24 @@ import logging
 import sys
 import warnings
 
-__all__ = ["add_lightning_arguments", "add_tf32_argument", "lightning_options", "one_device"]
+__all__ = ["add_lightning_arguments", "add_model_arguments", "add_tf32_argument", "lightning_options", "model_options",
+           "one_device"]
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--outputs`` and ``--input-range``: what the loaded model returns and takes, where its
+    file says otherwise or nothing (see :func:`bdpruning.load_model`)."""
+    parser.add_argument("--outputs", choices=["logits", "probabilities"],
+                        help="what the model returns (default: read from its graph or record: a final softmax "
+                             "means probabilities, anything else logits)")
+    parser.add_argument("--input-range", choices=["0..255", "0..1", "normalized"],
+                        help="the pixels the model takes; data outside it is refused (default: from the "
+                             "record; 0..255 for DeepID; unchecked for other files)")
+
+
+def model_options(args: argparse.Namespace) -> dict:
+    """Keyword arguments of :func:`bdpruning.load_model` from :func:`add_model_arguments`' options."""
+    return {"outputs": args.outputs, "input_range": args.input_range}
 
 
 def add_lightning_arguments(parser: argparse.ArgumentParser) -> None:

@@ -22,7 +22,6 @@ import os
 from typing import Iterable, Iterator, Sequence, Union
 
 import torch
-from torch import nn
 from torch.utils.data import (
     BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, SubsetRandomSampler, TensorDataset,
     WeightedRandomSampler,
@@ -31,6 +30,8 @@ from torch.utils.data.distributed import DistributedSampler
 
 from .hdf5 import H5ImageSet, read_h5_dataset
 from ..errors import BdpruningError, file_error
+# moved to bdpruning.models.record (a model concern); re-exported until the sweep's callers switch
+from ..models.record import model_expectations, range_of_images
 
 __all__ = ["DataLike", "ImageData", "as_image_data", "data_name", "model_expectations"]
 
@@ -374,17 +375,35 @@ def _adapt(data: object, num_classes: int | None, image_shape: Sequence[int] | N
 
 def as_image_data(
     data: DataLike, *, num_classes: int | None = None, image_shape: Sequence[int] | None = None,
+    input_range: str | None = None,
 ) -> ImageData:
     """Adapt ``data`` (see the module docstring for the forms) to an :class:`ImageData`.
 
     Labels must lie in ``0..num_classes - 1`` and images have shape ``image_shape`` (C, H, W)
     when these are given; tensors and HDF5 sets are checked now, streamed data batch by batch.
+    With ``input_range`` (the model's, see :data:`bdpruning.models.INPUT_RANGES`) the first
+    images must lie in it: 0..255 pixels given to a model that takes 0..1 are refused.
     """
     adapted = _adapt(data, num_classes, image_shape)
     adapted._expect(num_classes, image_shape)
     if adapted.length == 0:
         raise BdpruningError(f"{adapted.kind}: the data set is empty")
+    if input_range not in (None, "normalized"):
+        _check_range(adapted, input_range)
     return adapted
+
+
+def _check_range(data: ImageData, input_range: str) -> None:
+    """Refuse data whose first images lie outside the model's ``input_range`` (0..255 or 0..1)."""
+    images = data.first_images(256)
+    found = range_of_images(images)
+    if found is None or found == input_range:
+        return
+    low, high = float(images.min()), float(images.max())
+    fix = {("0..255", "0..1"): "divide the images by 255", ("0..1", "0..255"): "multiply the images by 255"}.get(
+        (found, input_range), "give the images the model was trained on")
+    raise BdpruningError(f"{data.kind}: images range {low:g}..{high:g} ({found}), but the model takes {input_range}: "
+                         f"{fix}, or record the model's range (adopt(..., input_range=...) or --input-range)")
 
 
 def data_name(data: DataLike) -> str:
@@ -401,10 +420,3 @@ def data_name(data: DataLike) -> str:
         return f"DataLoader over {type(data.dataset).__name__}"
     return f"dataset {type(data).__name__}"
 
-
-def model_expectations(model: nn.Module) -> dict:
-    """``num_classes`` and ``image_shape`` of a model loaded by bdpruning (nothing for others)."""
-    info = getattr(model, "bdpruning_info", None)
-    if info is None:
-        return {}
-    return {"num_classes": info.num_classes, "image_shape": tuple(info.input_shape)}

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import BdpruningError
-from ..models.directory import export_onnx
+from ..models.onnx_graph import export_onnx
 from ..models import model_info
 
 __all__ = ["GoodNet", "goodnet_labels", "export_goodnet_onnx"]

@@ -11,9 +11,18 @@ from ..errors import BdpruningError
 __all__ = ["find_layer", "layer_names"]
 
 
-def layer_names(model: nn.Module) -> list[str]:
-    """Names of the model's leaf layers, in definition order."""
+_PASS_THROUGH = (nn.Identity, nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _leaves(model: nn.Module) -> list[str]:
+    """Names of every leaf module (what :func:`find_layer` matches), in definition order."""
     return [name for name, module in model.named_modules() if name and not list(module.children())]
+
+
+def layer_names(model: nn.Module) -> list[str]:
+    """Names of the model's leaf layers, in definition order; an empty container or an
+    ``nn.Identity`` (a residual block's identity shortcut, say) computes nothing and is left out."""
+    return [name for name in _leaves(model) if not isinstance(model.get_submodule(name), _PASS_THROUGH)]
 
 
 def _matches(module_name: str, wanted: str) -> bool:
@@ -52,7 +61,7 @@ def find_layer(model: nn.Module, name: str) -> tuple[str, nn.Module]:
     modules = dict(model.named_modules())
     if name and name in modules:
         return name, modules[name]
-    candidates = [n for n in layer_names(model) if _matches(n, name)]
+    candidates = [n for n in _leaves(model) if _matches(n, name)]
     chosen = _resolve(modules, candidates, name)
     if chosen is not None:
         return chosen, modules[chosen]

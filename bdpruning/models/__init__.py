@@ -1,6 +1,7 @@
 """Architectures bdpruning knows by name, and the model record every model carries."""
 
 from .deepid import DEEPID_INPUT_SHAPE, DeepID
-from .record import OUTPUTS, ModelInfo, adopt, attach_info, model_info
+from .record import INPUT_RANGES, OUTPUTS, ModelInfo, adopt, attach_info, model_expectations, model_info
 
-__all__ = ["DeepID", "DEEPID_INPUT_SHAPE", "OUTPUTS", "ModelInfo", "adopt", "attach_info", "model_info"]
+__all__ = ["DeepID", "DEEPID_INPUT_SHAPE", "INPUT_RANGES", "OUTPUTS", "ModelInfo", "adopt", "attach_info",
+           "model_expectations", "model_info"]

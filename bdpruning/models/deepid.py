@@ -16,10 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DeepID", "DEEPID_INPUT_SHAPE"]
+__all__ = ["DeepID", "DEEPID_INPUT_RANGE", "DEEPID_INPUT_SHAPE"]
 
 #: (channels, height, width) of the images DeepID takes.
 DEEPID_INPUT_SHAPE = (3, 55, 47)
+#: The Lab-3 DeepID takes raw pixels, 0..255 (see :data:`bdpruning.models.INPUT_RANGES`).
+DEEPID_INPUT_RANGE = "0..255"
 
 
 class DeepID(nn.Module):

@@ -1,193 +1,104 @@
-"""The model directory: how bdpruning saves and reloads a (possibly pruned) model.
+"""The model directory: how bdpruning saves a (possibly pruned, possibly compact) model.
 
-A model directory holds ``model.json`` (architecture, classes, input shape, source and the
-pruned channels), ``model.safetensors`` (weights; loading never executes pickled code) and
-``model.onnx`` (the same model, NCHW float input ``input`` with a dynamic batch, 0..255).
+A model directory holds ``model.json`` (the record: architecture, classes, input shape and
+range, outputs, source, the pruned channels and the channels removed by compaction),
+``model.safetensors`` (weights under the model's own parameter names; loading never executes
+pickled code) and ``model.onnx`` (the same model, NCHW float input ``input`` with a dynamic batch,
+pruned channels zero). An ONNX-loaded model keeps its original graph as ``graph.onnx``.
+
+An adopted model (:func:`bdpruning.adopt`) is saved as its own state dict (BatchNorm kept, its
+parameter names), so ``load_model(directory, into=MyNet())`` gives the user's class back; its
+``model.onnx`` is what the CLI runs. :func:`bdpruning.models.loading.load_model` reads it all.
 """
 
 from __future__ import annotations
 
-import copy
-import io
 import json
 import os
-import warnings
 from pathlib import Path
 
 import onnx
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from ..pruning.dependency import remove_channels
-from ..errors import BdpruningError, file_error
-from ..pruning.masks import baked_copy, masked_channels, plain_state_dict, prune_channels
-from .deepid import DeepID
-from .record import OUTPUTS, ModelInfo, attach_info, model_info
+from ..pruning.masks import baked_copy, masked_channels, plain_state_dict, shift_kept_layers
+from ..runtime.atomic import atomic_dir, prepare_out_dir
+from .onnx_graph import ONNX_OPSET, export_onnx, onnx_to_torch  # noqa: F401 (ONNX_OPSET: see below)
+from .record import model_info
 
-__all__ = ["save_model_dir", "load_model_dir", "onnx_to_torch", "export_onnx"]
+__all__ = ["save_model_dir", "write_model_files", "MODEL_JSON", "WEIGHTS", "ONNX_FILE", "GRAPH_FILE", "FORMAT"]
 
 MODEL_JSON = "model.json"
 WEIGHTS = "model.safetensors"
 ONNX_FILE = "model.onnx"
+GRAPH_FILE = "graph.onnx"  # an ONNX-loaded model's own graph, that its weights are loaded into
 FORMAT = "bdpruning-model"
-ONNX_OPSET = 17
+# ONNX_OPSET (model.onnx's opset) lives in .onnx_graph; importing it from here works until
+# convert/keras_to_onnx.py's switch to .onnx_graph is committed
 
 
-def _inline_identity_constants(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Replace ``Identity`` nodes of initializers by initializers of their own.
-
-    torch.onnx.export shares equal weights (the zero biases of untrained BatchNorms, say)
-    through ``Identity`` nodes; onnx2torch wants a convolution's weights as initializers.
-    """
-    initializers = {init.name: init for init in proto.graph.initializer}
-    identities = [n for n in proto.graph.node if n.op_type == "Identity" and n.input[0] in initializers]
-    if not identities:
-        return proto
-    proto = copy.deepcopy(proto)
-    initializers = {init.name: init for init in proto.graph.initializer}
-    for node in [n for n in proto.graph.node if n.op_type == "Identity" and n.input[0] in initializers]:
-        duplicate = copy.deepcopy(initializers[node.input[0]])
-        duplicate.name = node.output[0]
-        proto.graph.initializer.append(duplicate)
-        proto.graph.node.remove(node)
-    return proto
+def save_model_dir(model: nn.Module, directory: str | os.PathLike[str], extra: dict | None = None, *,
+                   force: bool = False) -> Path:
+    """Save ``model`` (loaded by bdpruning or adopted) as the model directory ``directory``,
+    written atomically: it appears complete or not at all (parents are created). ``extra``
+    entries go into ``model.json``. Raises :class:`~bdpruning.BdpruningError` when ``directory``
+    exists and is not empty (unless ``force``, which replaces it) or the model has no record."""
+    out = Path(directory)
+    empty = out.is_dir() and not any(out.iterdir())
+    out = prepare_out_dir(out, force or empty)
+    model_info(model)  # refuse an unrecorded model before anything is written
+    with atomic_dir(out) as tmp:
+        write_model_files(model, tmp, extra)
+    return out
 
 
-def onnx_to_torch(proto: onnx.ModelProto, source: str | os.PathLike[str]) -> nn.Module:
-    """Convert an ONNX graph with onnx2torch, naming the unsupported operators on failure."""
-    from onnx2torch import convert
-
-    proto = _inline_identity_constants(proto)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return convert(proto)
-    except NotImplementedError as exc:
-        raise file_error(source, f"onnx2torch cannot convert this graph: {exc}") from None
-
-
-def export_onnx(model: nn.Module, path: str | os.PathLike[str], input_shape: tuple[int, ...]) -> None:
-    """Export ``model`` to ONNX (input ``input``, output ``output``, dynamic batch), in float32
-    (a model held in another precision, float64 say, is exported from a float32 copy)."""
-    if next(model.parameters()).dtype != torch.float32:
-        model = copy.deepcopy(model).float()
-    was_training = model.training
-    model.eval()
-    example = torch.zeros(1, *input_shape, device=next(model.parameters()).device)
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model, (example,), buffer, dynamo=False, opset_version=ONNX_OPSET,
-            input_names=["input"], output_names=["output"],
-            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
-        )
-    model.train(was_training)
-    Path(path).write_bytes(buffer.getvalue())
-
-
-def save_model_dir(
-    model: nn.Module,
-    directory: str | os.PathLike[str],
-    extra: dict | None = None,
-    onnx_bytes: bytes | None = None,
-) -> Path:
-    """Write the model's files into an existing ``directory`` (callers make it atomic).
-
-    ``model.onnx`` is exported from ``model`` unless ``onnx_bytes`` gives it (the converter
-    keeps tf2onnx's graph, verified against Keras).
-    """
+def write_model_files(model: nn.Module, directory: str | os.PathLike[str], extra: dict | None = None,
+                      onnx_bytes: bytes | None = None) -> Path:
+    """Write the model's files into the existing ``directory`` (a stage's temporary directory:
+    the stage makes the whole output atomic). ``model.onnx`` is exported from ``model`` unless
+    ``onnx_bytes`` gives it (the converter keeps tf2onnx's graph, verified against Keras)."""
     directory = Path(directory)
     info = model_info(model)
-    if info.architecture == "adopted":
-        return _save_adopted(model, info, directory, extra)
+    masks = masked_channels(model)
     meta = {
         "format": FORMAT,
         "version": 1,
         "architecture": info.architecture,
         "num_classes": info.num_classes,
         "input_shape": list(info.input_shape),
+        "input_range": info.input_range,
         "source": info.source,
         "outputs": info.outputs,
-        "pruned": masked_channels(model),
+        "pruned": masks,
+        "shift_kept": shift_kept_layers(model),
         "removed": [{"layer": layer, "channels": channels} for layer, channels in info.removed],
-        **(extra or {}),
     }
     save_file(plain_state_dict(model), str(directory / WEIGHTS))
     if onnx_bytes is None:
-        export_onnx(model, directory / ONNX_FILE, info.input_shape)
+        # an adopted model's own forward may not export with pruning hooks; a loaded one does
+        export_onnx(baked_copy(model) if info.architecture == "adopted" else model, directory / ONNX_FILE,
+                    info.input_shape)
     else:
         (directory / ONNX_FILE).write_bytes(onnx_bytes)
-    if info.architecture == "onnx":  # the graph that the weights are loaded into
-        (directory / "graph.onnx").write_bytes(info.onnx_bytes)
+    if info.architecture == "onnx":
+        (directory / GRAPH_FILE).write_bytes(info.onnx_bytes)
+    if info.architecture == "adopted":
+        meta["class"] = f"{type(model).__module__}.{type(model).__qualname__}"
+        meta["graph_pruned"] = _graph_layers(directory / ONNX_FILE, masks)
+    meta.update(extra or {})
     (directory / MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n")
     return directory
 
 
-def _save_adopted(model: nn.Module, info: ModelInfo, directory: Path, extra: dict | None) -> Path:
-    """An adopted model is saved as its ONNX graph (pruned channels zeroed in the weights,
-    removed channels gone), so that it reloads without its Python class."""
-    export_onnx(baked_copy(model), directory / ONNX_FILE, info.input_shape)
-    onnx_bytes = (directory / ONNX_FILE).read_bytes()
-    graph_module = onnx_to_torch(onnx.load_from_string(onnx_bytes), directory / ONNX_FILE)
-    graph_info = ModelInfo("onnx", info.num_classes, info.input_shape, info.source, onnx_bytes,
-                           outputs=info.outputs)
-    pruned = {"pruned_in_adopted_model": masked_channels(model)}
-    return save_model_dir(attach_info(graph_module, graph_info), directory, {**pruned, **(extra or {})}, onnx_bytes)
-
-
-def load_model_dir(directory: str | os.PathLike[str]) -> nn.Module:
-    """Load a model directory written by :func:`save_model_dir` (or by ``bdprune convert``)."""
-    directory = Path(directory)
-    meta_path = directory / MODEL_JSON
-    if not meta_path.exists():
-        raise file_error(directory, f"not a bdpruning model directory (no {MODEL_JSON})")
-    try:
-        meta = json.loads(meta_path.read_text())
-        architecture, num_classes = meta["architecture"], int(meta["num_classes"])
-        input_shape = tuple(int(s) for s in meta["input_shape"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise file_error(meta_path, f"invalid model description ({exc})") from None
-    if meta.get("format") != FORMAT:
-        raise file_error(meta_path, f"format is {meta.get('format')!r}, expected {FORMAT!r}")
-    onnx_bytes = None
-    if architecture == "deepid":
-        model: nn.Module = DeepID(num_classes)
-    elif architecture == "onnx":
-        graph = directory / "graph.onnx"
-        onnx_bytes = graph.read_bytes()
-        model = onnx_to_torch(onnx.load_from_string(onnx_bytes), graph)
-    else:
-        raise file_error(meta_path, f"unknown architecture {architecture!r}")
-    try:
-        removed = [(str(step["layer"]), [int(c) for c in step["channels"]]) for step in meta.get("removed", [])]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise file_error(meta_path, f"invalid 'removed' entry ({exc})") from None
-    if removed:  # a compact model: shrink the architecture the same way before loading its weights
-        try:
-            remove_channels(model.eval(), removed, torch.zeros(1, *input_shape), fold=False)
-        except BdpruningError as exc:
-            raise file_error(meta_path, f"cannot rebuild the compact model ({exc})") from None
-    weights = directory / WEIGHTS
-    if not weights.exists():
-        raise file_error(directory, f"missing {WEIGHTS}")
-    try:
-        state = load_file(str(weights))
-    except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise file_error(weights, f"cannot read weights ({exc})") from None
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise file_error(weights, f"weights do not fit the {architecture} architecture: {first}") from None
-    for layer, channels in meta.get("pruned", {}).items():
-        if channels:
-            prune_channels(model, layer, channels)
-    outputs = meta.get("outputs", "probabilities")
-    if outputs not in OUTPUTS:
-        raise file_error(meta_path, f"invalid 'outputs' {outputs!r} (expected one of {', '.join(OUTPUTS)})")
-    info = ModelInfo(architecture, num_classes, input_shape, str(meta.get("source", directory)), onnx_bytes, removed,
-                     outputs)
-    return attach_info(model.eval(), info)
-
+def _graph_layers(onnx_path: Path, masks: dict[str, list[int]]) -> dict[str, list[int]]:
+    """The masks of an adopted model under the names its ONNX graph's layers get in onnx2torch
+    (``layer2.conv2`` is ``layer2/conv2/Conv``), so a reload without the class keeps them; the
+    graph is converted now, so a directory the CLI cannot run is refused before it is written."""
+    modules = dict(onnx_to_torch(onnx.load(str(onnx_path)), onnx_path).named_modules())
+    graph = {}
+    for layer, channels in masks.items():
+        name = "/".join(layer.split(".")) + "/Conv"
+        module = modules.get(name)
+        if channels and module is not None and getattr(module, "out_channels", None) is not None:
+            graph[name] = channels
+    return graph

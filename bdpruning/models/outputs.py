@@ -6,9 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..errors import BdpruningError
 from ..graph.tracing import trace_model
+from .record import model_info
 
-__all__ = ["logits_model"]
+__all__ = ["check_output_contract", "logits_model"]
 
 _SOFTMAX_FUNCTIONS = {F.softmax, torch.softmax}
 
@@ -44,3 +46,25 @@ def logits_model(model: nn.Module) -> nn.Module | None:
     logits.graph.eliminate_dead_code()
     logits.recompile()
     return logits
+
+
+def check_output_contract(model: nn.Module, outputs: torch.Tensor) -> None:
+    """Refuse to train on ``outputs`` (the model's output on its first batch) when they contradict
+    the record's contract: "probabilities" must be non-negative and sum to 1 per image, and
+    "logits" that do both are probabilities by mistake (the loss would have the wrong sign).
+    Training (fine-pruning, ANP, RNP) calls this on its first batch."""
+    contract = model_info(model).outputs
+    values = outputs.detach().double()
+    if values.dim() != 2:
+        raise BdpruningError(f"{type(model).__name__} returns shape {tuple(values.shape)}, expected (batch, classes)")
+    sums = values.sum(dim=1)
+    is_distribution = bool((values >= 0).all()) and bool(((sums - 1).abs() <= 1e-3).all())
+    if contract == "probabilities" and not is_distribution:
+        raise BdpruningError(
+            f"the model is recorded as returning probabilities, but on the first batch its outputs sum to "
+            f"{float(sums.min()):.3g}..{float(sums.max()):.3g} per image (min {float(values.min()):.3g}): "
+            "it returns logits; say so (--outputs logits, or adopt(..., outputs='logits'))")
+    if contract == "logits" and is_distribution and values.shape[1] > 1:
+        raise BdpruningError(
+            "the model is recorded as returning logits, but on the first batch its outputs are probabilities "
+            "(non-negative, summing to 1): say so (--outputs probabilities, or adopt(..., outputs='probabilities'))")

@@ -46,6 +46,9 @@ OPTIMIZERS = ("adam", "sgd")
 #: Learning rate per optimizer used when none is given.
 DEFAULT_LR = {"adam": 1e-3, "sgd": 1e-3}
 
+#: The layer the lab prunes in DeepID (its last conv), for a DeepID B' without masks.
+DEEPID_PRUNED_LAYER = "conv_3"
+
 #: Columns of ``finetune.csv``.
 HISTORY_COLUMNS = ("epoch", "train_loss", "clean_accuracy", "attack_success_rate") + EVALUATION_COUNTS
 
@@ -108,14 +111,21 @@ def check_finetune_settings(epochs: int, lr: float | None, batch_size: int, opti
     return lr
 
 
-def keep_pruned_at_zero(model: nn.Module, layer: str = "conv_3") -> dict[str, list[int]]:
+def keep_pruned_at_zero(model: nn.Module, layer: str | None = None) -> dict[str, list[int]]:
     """Make sure training cannot bring pruned channels back; return ``{layer: channels}``.
 
-    A model with pruning masks keeps them (see :mod:`bdpruning.pruning.masks`). A model without masks
-    (a B' from a Keras file, whose pruned channels are only zeroed) gets masks on the all-zero
-    channels of ``layer``. Refuses a model with nothing pruned.
+    A model with pruning masks keeps them (see :mod:`bdpruning.pruning.masks`; a saved B' has
+    them in its record). A model without masks (a B' from a Keras file, whose pruned channels
+    are only zeroed) gets masks on the all-zero channels of ``layer``: by default DeepID's last
+    conv ``conv_3`` for a DeepID; any other model without masks must name it. Refuses a model with
+    nothing pruned.
     """
-    pruned = pruned_layers(model, layer)
+    if layer is None and not any(masked_channels(model).values()):
+        if model_info(model).architecture != "deepid":
+            raise BdpruningError("the model has no pruning masks: name the layer whose all-zero channels are the "
+                                 "pruned ones (layer=..., --layer)")
+        layer = DEEPID_PRUNED_LAYER
+    pruned = pruned_layers(model, layer or DEEPID_PRUNED_LAYER)
     if not any(masked_channels(model).values()):
         for name, channels in pruned.items():
             prune_channels(model, name, channels)

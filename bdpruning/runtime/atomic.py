@@ -1,4 +1,8 @@
-"""Atomic writes: a result is either complete at its final path or absent."""
+"""Atomic writes: a result is either complete at its final path or absent.
+
+The temporaries are made private (``tempfile``: 0700 directories, 0600 files) and get the
+permissions the user's umask gives any new file before they are renamed into place.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,17 @@ from typing import Iterator
 from ..errors import file_error
 
 __all__ = ["atomic_dir", "atomic_file", "atomic_path", "prepare_out_dir"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _as_created(path: str | os.PathLike[str], directory: bool) -> None:
+    """Give ``path`` the mode a plain ``mkdir``/``open`` would have given it under the umask."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
 def prepare_out_dir(out: str | os.PathLike[str], force: bool) -> Path:
@@ -31,6 +46,7 @@ def atomic_dir(out: str | os.PathLike[str]) -> Iterator[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
+        _as_created(tmp, directory=True)
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -52,6 +68,7 @@ def atomic_file(path: str | os.PathLike[str], mode: str = "w") -> Iterator:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        _as_created(tmp, directory=False)
         with os.fdopen(fd, mode) as handle:
             yield handle
         os.replace(tmp, path)
@@ -69,6 +86,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        _as_created(tmp, directory=False)
         yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:

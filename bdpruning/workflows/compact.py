@@ -67,6 +67,7 @@ def compact_directory(
     tolerance: float = DEFAULT_TOLERANCE,
     force: bool = False,
     tf32: bool = False,
+    model_options: dict | None = None,
 ) -> dict:
     """Compact the repaired model at ``model_path`` into the model directory ``out``; return the report.
 
@@ -74,16 +75,17 @@ def compact_directory(
     ``samples`` images) or on ``samples`` seeded random images, in float64: ``passed`` is false
     when the largest absolute output difference exceeds ``tolerance`` or a top-1 label differs.
     The float32 difference is reported too, run in IEEE fp32 unless ``tf32`` (see
-    :func:`~bdpruning.numerics.precision.precision_context`).
+    :func:`~bdpruning.numerics.precision.precision_context`). ``model_options`` go to
+    :func:`~bdpruning.models.loading.load_model` (``outputs``, ``input_range``).
     """
     if samples is not None and samples < 1:
         raise BdpruningError(f"--samples must be at least 1, got {samples}")
     if not tolerance > 0:
         raise BdpruningError(f"--tolerance must be positive, got {tolerance}")
     out = prepare_out_dir(out, force)
-    masked = load_model(model_path, device="cpu")
+    masked = load_model(model_path, device="cpu", **(model_options or {}))
     images, inputs = _check_images(masked, data, samples, seed)
-    compact = load_model(model_path, device="cpu")  # a masked model cannot be deep-copied
+    compact = load_model(model_path, device="cpu", **(model_options or {}))  # a masked model cannot be deep-copied
     groups = compact_model(compact, layer)
     before, after = model_cost(masked), model_cost(compact)
     with precision_context(tf32) as precision:

@@ -29,8 +29,10 @@ from ..convert import parity
 from ..errors import BdpruningError
 from ..data.images import read_images
 from ..models.keras_h5 import KerasH5, deepid_from_keras, fits_deepid, image_input_shape, read_keras_h5
-from ..models.directory import ONNX_OPSET, onnx_to_torch, save_model_dir
+from ..models.directory import write_model_files
+from ..models.onnx_graph import ONNX_OPSET, onnx_outputs, onnx_to_torch
 from ..models import DeepID, ModelInfo, attach_info
+from ..models.deepid import DEEPID_INPUT_RANGE
 
 __all__ = ["DEFAULT_SAMPLES", "REPORT", "check_parity", "convert_keras"]
 
@@ -179,10 +181,10 @@ def convert_keras(
         parity.dataset_images(data, shape, num_classes, 1)
     proto = to_onnx(keras_model, source)
     onnx_bytes = proto.SerializeToString()
-    info = ModelInfo("onnx", num_classes, shape, str(source), onnx_bytes)
+    info = ModelInfo("onnx", num_classes, shape, str(source), onnx_bytes, outputs=onnx_outputs(proto, source))
     graph_module = attach_info(onnx_to_torch(proto, source).eval(), info)
     if deepid is not None:
-        attach_info(deepid, ModelInfo("deepid", deepid.num_classes, shape, str(source)))
+        attach_info(deepid, ModelInfo("deepid", deepid.num_classes, shape, str(source), input_range=DEEPID_INPUT_RANGE))
 
     log.info("checking parity on %d %s images", len(batch), inputs["kind"])
     report = {
@@ -197,6 +199,6 @@ def convert_keras(
         "versions": toolchain_versions(),
     }
     with atomic_dir(out) as directory:
-        save_model_dir(deepid if deepid is not None else graph_module, directory, onnx_bytes=onnx_bytes)
+        write_model_files(deepid if deepid is not None else graph_module, directory, onnx_bytes=onnx_bytes)
         (directory / REPORT).write_text(json.dumps(report, indent=2) + "\n")
     return report

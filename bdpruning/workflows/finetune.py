@@ -13,7 +13,7 @@ from pathlib import Path
 from ..runtime.atomic import atomic_dir, prepare_out_dir
 from ..pruning.finetuning import HISTORY_COLUMNS, FinetuneResult
 from ..models.keras_h5 import write_keras_copy
-from ..models.directory import save_model_dir
+from ..models.directory import write_model_files
 from .writers import write_rows_csv
 
 __all__ = ["save_finetune_run"]
@@ -34,7 +34,7 @@ def save_finetune_run(result: FinetuneResult, out: str | os.PathLike[str], force
     record = {key: summary[key] for key in (*result.extra, "settings", "sets")}
     record.update(before=_rates(result.before), after=_rates(result.after))
     with atomic_dir(out) as directory:
-        save_model_dir(result.model, directory, extra={"finetuned": record})
+        write_model_files(result.model, directory, extra={"finetuned": record})
         (directory / "finetune.json").write_text(json.dumps(summary, indent=2) + "\n")
         write_rows_csv(result.history, directory / "finetune.csv", list(HISTORY_COLUMNS))
         plot_finetune(result.history, directory / "finetune.png")
