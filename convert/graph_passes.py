@@ -1,5 +1,5 @@
-"""Small passes over tf2onnx graphs: find what onnx2torch cannot convert; fold inference
-BatchNorms into their convolutions; drop needless transposes.
+"""Small passes over tf2onnx graphs: find what onnx2torch cannot convert; drop needless
+transposes.
 
 Keras flattens NHWC tensors, so tf2onnx keeps a ``Transpose`` to NHWC (and a ``Shape`` ->
 ``Reshape`` chain) before every ``Flatten -> Dense``, and a transpose pair where such a tensor
@@ -115,63 +115,8 @@ def _drop_unused(graph: onnx.GraphProto) -> None:
         graph.value_info.remove(info)
 
 
-def _channel_constant(node: onnx.NodeProto, data: str, inits: dict[str, np.ndarray], channels: int) -> np.ndarray | None:
-    """The per-channel constant that ``node`` (Mul or Add) applies to ``data``, as (channels,)."""
-    others = [name for name in node.input if name != data]
-    if len(node.input) != 2 or len(others) != 1 or others[0] not in inits:
-        return None
-    value = inits[others[0]]
-    if value.size == channels and value.shape in ((channels,), (channels, 1, 1), (1, channels, 1, 1)):
-        return value.reshape(channels)
-    return None
-
-
-def _fold_conv_affine(graph: onnx.GraphProto) -> None:
-    """Fold a per-channel ``Mul`` (then ``Add``) after a ``Conv`` into its weights and bias.
-
-    tf2onnx writes an inference BatchNorm as ``x * scale + shift`` on the conv's output. Folded
-    into the conv (as every inference engine does), a pruned conv channel -- zero kernel and
-    bias -- is exactly zero after the BatchNorm too, instead of keeping its shift alive.
-    """
-    inits = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    for conv in [node for node in graph.node if node.op_type == "Conv"]:
-        if len(conv.input) < 2 or conv.input[1] not in inits:
-            continue
-        weight = inits[conv.input[1]]
-        channels = weight.shape[0]
-        bias = inits.get(conv.input[2]) if len(conv.input) > 2 else np.zeros(channels, weight.dtype)
-        if bias is None:
-            continue
-        folded, scale, shift, out = [], np.ones(channels, weight.dtype), np.zeros(channels, weight.dtype), conv.output[0]
-        for op in ("Mul", "Add"):
-            users = [node for node in graph.node if out in node.input]
-            constant = _channel_constant(users[0], out, inits, channels) if len(users) == 1 and \
-                users[0].op_type == op and out not in [o.name for o in graph.output] else None
-            if constant is None:
-                break
-            if op == "Mul":
-                scale = constant
-            else:
-                shift = constant
-            folded.append(users[0])
-            out = users[0].output[0]
-        if not folded:
-            continue
-        names = (f"{conv.name}/folded_weight", f"{conv.name}/folded_bias")
-        graph.initializer.extend([
-            numpy_helper.from_array((weight * scale.reshape(-1, *[1] * (weight.ndim - 1))).astype(weight.dtype), names[0]),
-            numpy_helper.from_array((bias * scale + shift).astype(weight.dtype), names[1]),
-        ])
-        conv.input[:] = [conv.input[0], *names]
-        conv.output[0] = out
-        for node in folded:
-            graph.node.remove(node)
-
-
 def simplify(proto: onnx.ModelProto) -> None:
-    """Fold inference BatchNorms into their convolutions, remove the NHWC transposes of flatten
-    layers and cancel inverse pairs (in place)."""
-    _fold_conv_affine(proto.graph)
+    """Remove the NHWC transposes of flatten layers and cancel inverse pairs (in place)."""
     _fold_flatten_transposes(proto)
     _cancel_inverse_transposes(proto.graph)
     _drop_unused(proto.graph)

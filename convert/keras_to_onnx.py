@@ -6,8 +6,9 @@ Weights-only files (``save_weights``) are loaded into the built-in Keras DeepID.
 
 The ONNX graph takes float NCHW images named ``input`` (dynamic batch, raw 0..255) and returns
 ``output``; its nodes carry the Keras layer names, so :func:`bdpruning.find_layer` finds
-``conv_3`` in the onnx2torch module too. TensorFlow comes from :mod:`.tensorflow_runtime`, which
-imports torch and torchvision first (importing torchvision after TensorFlow segfaults).
+``conv_3`` in the onnx2torch module too; Keras BatchNorms stay BatchNorms (:mod:`.batchnorm`).
+TensorFlow comes from :mod:`.tensorflow_runtime`, which imports torch and torchvision first
+(importing torchvision after TensorFlow segfaults).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Iterator
 import onnx
 import torch
 
+from .batchnorm import batchnorm_initializers, batchnorms_fed
 from .graph_passes import simplify, unconvertible_nodes  # onnx2torch
 from .keras_deepid import build_keras_deepid
 from .tensorflow_runtime import keras, tf, tf2onnx  # torch first, start-up messages kept quiet
@@ -116,21 +118,24 @@ def _name_output(proto: onnx.ModelProto, name: str = "output") -> None:
 def to_onnx(model: keras.Model, source: str | os.PathLike[str], optimize: bool = True) -> onnx.ModelProto:
     """Export ``model`` with tf2onnx: NCHW float input ``input`` (dynamic batch), output ``output``.
 
-    ``optimize`` removes the NHWC transposes tf2onnx keeps for Keras ``Flatten`` layers
-    (:func:`bdpruning.convert.graph_passes.simplify`); the function computed stays the same.
+    Keras BatchNorms become ``BatchNormalization`` nodes with the layers' parameters
+    (:mod:`bdpruning.convert.batchnorm`). ``optimize`` removes the NHWC transposes tf2onnx keeps
+    for Keras ``Flatten`` layers (:func:`bdpruning.convert.graph_passes.simplify`); the function
+    computed stays the same.
 
     Raises :class:`~bdpruning.errors.BdpruningError` naming the layers and operators that
     tf2onnx or onnx2torch cannot convert.
     """
     spec = (tf.TensorSpec((None, *model.inputs[0].shape[1:]), tf.float32, name="input"),)
-    function = tf.function(lambda images: model(images, training=False), autograph=False)
     try:
-        with _quiet_tf2onnx():
+        with _quiet_tf2onnx(), batchnorms_fed(model) as (batchnorms, parameters, call):
             proto, _ = tf2onnx.convert.from_function(
-                function, input_signature=spec, opset=ONNX_OPSET, inputs_as_nchw=["input"]
+                tf.function(call, autograph=False), input_signature=spec + parameters, opset=ONNX_OPSET,
+                inputs_as_nchw=["input"],
             )
     except Exception as exc:  # tf2onnx raises plain exceptions for unsupported graphs
         raise file_error(source, f"tf2onnx cannot convert this model: {_first_line(exc)}") from None
+    batchnorm_initializers(proto, batchnorms)
     _restore_keras_names(proto, model)
     _name_output(proto)
     if optimize:
