@@ -26,13 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..errors import BdpruningError
+from .ops import is_relu
 from .split import SplitModel
+from .tracing import trace_model
 
 __all__ = ["FastModule", "fast_split", "inference_module"]
 
 log = logging.getLogger(__name__)
-
-_RELUS = (F.relu, torch.relu, torch.relu_)
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -73,12 +74,7 @@ def _fusable(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_function" and node.target in _RELUS:
-        return True
-    if node.op == "call_method" and node.target in ("relu", "relu_"):
-        return True
-    return node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.ReLU \
-        and not _has_hooks(gm.get_submodule(node.target))
+    return is_relu(gm, node) and not (node.op == "call_module" and _has_hooks(gm.get_submodule(node.target)))
 
 
 def _fuse_conv_relu(gm: fx.GraphModule) -> int:
@@ -131,8 +127,8 @@ def inference_module(model: nn.Module, *, fuse: bool = True, channels_last: bool
     cannot trace runs unchanged, fed NCHW.
     """
     try:
-        gm = fx.symbolic_trace(model) if not isinstance(model, fx.GraphModule) else model
-    except Exception:  # fx raises many types for untraceable Python control flow
+        gm = trace_model(model)
+    except BdpruningError:  # untraceable Python control flow
         log.debug("%s is not traceable: inference runs it unchanged, NCHW", type(model).__name__)
         return FastModule(model, False)
     gm = fx.GraphModule(gm, gm.graph.__deepcopy__())  # a private graph: the caller's stays untouched

@@ -9,24 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from ..errors import BdpruningError
 from .layers import find_layer
+from .ops import maps_zero_to_zero
 from .tracing import module_node, trace_model
 
 __all__ = ["SplitModel", "check_fed_by", "split_at", "zero_preserving_path"]
-
-# Elementwise or per-channel ops with f(0) = 0 that keep channels apart: a channel that is
-# zero before them is zero after them, and other channels do not depend on it.
-_ZERO_PRESERVING_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
-                            nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Dropout,
-                            nn.Dropout2d, nn.Identity)
-_ZERO_PRESERVING_FUNCTIONS = {F.relu, torch.relu, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
-                              F.dropout, torch.relu_}
-
 
 @dataclass
 class SplitModel:
@@ -79,11 +69,7 @@ def zero_preserving_path(model: nn.Module, start: str, end: str) -> bool:
         if len(users) != 1:
             return False
         node = users[0]
-        if node.op == "call_module":
-            ok = isinstance(gm.get_submodule(node.target), _ZERO_PRESERVING_MODULES)
-        else:
-            ok = node.op == "call_function" and node.target in _ZERO_PRESERVING_FUNCTIONS
-        if not ok:
+        if not maps_zero_to_zero(gm, node):
             return False
     return True
 

@@ -1,5 +1,6 @@
 """Tracing a model with torch.fx, with bdpruning's errors: one home for the graph that the
-fast sweep (:mod:`.split`) and the channel dependencies (:mod:`.dependency`) walk."""
+fast sweep (:mod:`.split`), the fused inference form (:mod:`.fused`), the masks' BatchNorm
+look-up and the channel dependencies (:mod:`bdpruning.pruning.dependency`) walk."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from torch import fx, nn
 
 from ..errors import BdpruningError
 
-__all__ = ["trace_model", "module_node"]
+__all__ = ["trace_model", "module_node", "module_nodes"]
 
 
 def trace_model(model: nn.Module) -> fx.GraphModule:
@@ -24,9 +25,14 @@ def trace_model(model: nn.Module) -> fx.GraphModule:
         ) from None
 
 
+def module_nodes(gm: fx.GraphModule, module_name: str) -> list[fx.Node]:
+    """The nodes that call ``module_name`` (a module called twice has two)."""
+    return [n for n in gm.graph.nodes if n.op == "call_module" and n.target == module_name]
+
+
 def module_node(gm: fx.GraphModule, module_name: str) -> fx.Node:
     """The one node that calls ``module_name``; refuses a layer called several times."""
-    nodes = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == module_name]
+    nodes = module_nodes(gm, module_name)
     if len(nodes) != 1:
         raise BdpruningError(f"layer {module_name!r} is called {len(nodes)} times in the graph; expected once")
     return nodes[0]

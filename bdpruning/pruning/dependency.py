@@ -26,59 +26,25 @@ consumer's bias when it is the same at every output position, and refused otherw
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.node import map_aggregate
 from torch.nn.utils import prune
 
 from ..errors import BdpruningError
 from ..graph.layers import find_layer
+from ..graph.ops import NORM_MODULES, op_kind
 from ..graph.tracing import module_node, trace_model
 
 __all__ = ["Member", "ChannelGroup", "channel_group", "remove_channels"]
 
-# Ops whose output element depends only on the same input element.
-_ELEMENTWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardtanh,
-    nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-    nn.AlphaDropout, nn.Identity,
-)
-_ELEMENTWISE_FUNCTIONS = {
-    F.relu, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.hardtanh, F.hardswish,
-    F.sigmoid, torch.sigmoid, F.tanh, torch.tanh, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
-}
-_ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone"}
-_SCALAR_FUNCTIONS = {operator.mul, operator.truediv, operator.add, operator.sub, torch.mul, torch.div,
-                     torch.add, torch.sub}  # elementwise when the other operand is a Python number
-# Ops on (N, C, *spatial) that keep channels apart; their output channel c comes from input channel c.
-_POOL_MODULES = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.LPPool2d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-)
-_POOL_FUNCTIONS = {
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
-    F.adaptive_max_pool2d, F.adaptive_max_pool3d,
-}
-_NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-# Ops that only move elements.
-_SHAPE_MODULES = (nn.Flatten, nn.Unflatten)
-_SHAPE_MODULE_NAMES = {"OnnxReshape", "OnnxTranspose", "OnnxConcat", "OnnxFlatten", "OnnxSqueezeStaticAxes",
-                       "OnnxUnsqueezeStaticAxes"}  # onnx2torch
-_SHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.cat, torch.concat,
-                    torch.squeeze, torch.unsqueeze}
-_SHAPE_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze"}
+# The ops are classified once, in bdpruning.graph.ops. Labels pass through elementwise ops
+# unchanged, are broadcast per channel through pooling and BatchNorm, and are moved by running
+# shape ops on them. These shape methods may give a (batch, features) output a fixed size:
 _RESHAPE_METHODS = {"view", "reshape"}
-_QUERY_METHODS = {"size", "dim"}
-# Products with a constant matrix (onnx2torch turns Keras Dense layers into MatMul + Add).
-_MATMUL_MODULE_NAMES = {"OnnxMatMul"}
-_MATMUL_FUNCTIONS = {torch.matmul, torch.mm}
 
 _ROLES = ("source", "per-channel", "conv input", "linear input", "matmul input")
 
@@ -222,7 +188,7 @@ class ChannelGroup:
         if isinstance(module, nn.Linear):
             attribute = "out_features" if member.role == "source" else "in_features"
             setattr(module, attribute, count)
-        elif isinstance(module, _NORM_MODULES):
+        elif isinstance(module, NORM_MODULES):
             module.num_features = count
         elif member.role == "per-channel":  # depthwise convolution
             module.in_channels = module.out_channels = module.groups = count
@@ -298,16 +264,10 @@ def _run(gm: fx.GraphModule, node: fx.Node, value_of: Callable[[fx.Node], Any]) 
 
 
 def _kind(gm: fx.GraphModule, node: fx.Node, tracked: dict[fx.Node, torch.Tensor]) -> str:
-    """How ``node`` treats the source's channels: see the tables above."""
+    """How ``node`` treats the source's channels: a kind of :mod:`bdpruning.graph.ops`, or the
+    role of a layer whose inputs shrink."""
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
-        name = type(module).__name__
-        if isinstance(module, _ELEMENTWISE_MODULES):
-            return "elementwise"
-        if isinstance(module, _POOL_MODULES):
-            return "pool"
-        if isinstance(module, _NORM_MODULES):
-            return "per-channel"
         if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
             if module.groups == 1:
                 return "conv input"
@@ -316,34 +276,11 @@ def _kind(gm: fx.GraphModule, node: fx.Node, tracked: dict[fx.Node, torch.Tensor
             return "unsupported"
         if isinstance(module, nn.Linear):
             return "linear input"
-        if isinstance(module, _SHAPE_MODULES) or name in _SHAPE_MODULE_NAMES:
-            return "shape"
-        if name in _MATMUL_MODULE_NAMES:
-            return "matmul input"
-        return "unsupported"
-    if node.op == "call_method":
-        if node.target in _ELEMENTWISE_METHODS:
-            return "elementwise"
-        if node.target in _SHAPE_METHODS:
-            return "shape"
-        if node.target in _QUERY_METHODS:
-            return "query"
-        return "unsupported"
-    if node.op == "call_function":
-        if node.target in _ELEMENTWISE_FUNCTIONS:
-            return "elementwise"
-        if node.target in _SCALAR_FUNCTIONS:
-            others = [a for a in node.args if a not in tracked]
-            return "elementwise" if len(others) == 1 and isinstance(others[0], (int, float)) else "unsupported"
-        if node.target in _POOL_FUNCTIONS:
-            return "pool"
-        if node.target in _SHAPE_FUNCTIONS:
-            return "shape"
-        if node.target is getattr:
-            return "query"
-        if node.target in _MATMUL_FUNCTIONS:
-            return "matmul input"
-    return "unsupported"
+    kind = op_kind(gm, node)
+    if kind == "scalar":
+        others = [a for a in node.args if a not in tracked]
+        return "elementwise" if len(others) == 1 and isinstance(others[0], (int, float)) else "unsupported"
+    return {"norm": "per-channel", "matmul": "matmul input", None: "unsupported"}.get(kind, kind)
 
 
 def _per_channel(labels: torch.Tensor, node: fx.Node) -> torch.Tensor:

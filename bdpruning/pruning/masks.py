@@ -17,7 +17,7 @@ from torch.nn.utils import prune
 
 from ..errors import BdpruningError
 from ..graph.layers import find_layer
-from ..graph.tracing import trace_model
+from ..graph.tracing import module_nodes, trace_model
 
 __all__ = ["prune_channels", "pruned_channels", "masked_channels", "pruned_layers", "plain_state_dict",
            "refresh_masked_weights", "channel_count", "baked_copy", "following_batchnorm", "shift_kept_layers"]
@@ -88,7 +88,7 @@ def following_batchnorm(model: nn.Module, layer: str) -> str | None:
     except BdpruningError:  # an untraceable model: no graph to look in
         return None
     name, _ = find_layer(model, layer)
-    nodes = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == name]
+    nodes = module_nodes(gm, name)
     if len(nodes) != 1 or len(nodes[0].users) != 1:
         return None
     (user,) = nodes[0].users
