@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checks import check_batch_size
 from .forms import ImageData
-from ..errors import BdpruningError
 
 __all__ = ["model_batches", "resident_fits"]
 
@@ -56,34 +56,18 @@ def resident_fits(nbytes: int, device: torch.device) -> bool:
     return device.type in ("cuda", "cpu") and nbytes <= _free_bytes(device)
 
 
-def _source(data: ImageData) -> tuple[object, torch.dtype, tuple[int, ...], torch.Tensor] | None:
-    """``(reader, stored dtype, image shape, int64 labels)`` of random-access in-memory or HDF5
-    data, whose rows ``reader(start, stop)`` gives as a tensor; None for streamed forms."""
-    dataset = getattr(data, "dataset", None)
-    images = getattr(data, "images", None)
-    if isinstance(images, torch.Tensor):
-        return (lambda start, stop: images[start:stop]), images.dtype, tuple(images.shape[1:]), \
-            data.labels.to(torch.int64)
-    if dataset is not None and hasattr(dataset, "raw"):  # an H5ImageSet
-        dtype = torch.from_numpy(np.empty(0, dataset.raw_dtype)).dtype
-        return (lambda start, stop: torch.from_numpy(dataset.raw(start, stop))), dtype, \
-            tuple(dataset.image_shape), dataset.labels
-    return None
-
-
 def _resident(data: ImageData, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The set on ``device`` in its stored dtype (NHWC when ``channels_last``), loaded once."""
     cache = data.resident
     key = (str(device), channels_last)
     if key in cache:
         return cache[key]
-    source = _source(data)
-    if source is None:
+    stored = data.stored()
+    if stored is None:
         return None
-    reader, dtype, shape, labels = source
-    images = getattr(data, "images", None)
-    if isinstance(images, torch.Tensor) and images.device == device and not channels_last:
-        cache[key] = images, labels.to(device)  # already there: no copy
+    reader, dtype, shape, labels = stored.read, stored.dtype, stored.image_shape, stored.labels
+    if stored.tensor is not None and stored.tensor.device == device and not channels_last:
+        cache[key] = stored.tensor, labels.to(device)  # already there: no copy
         return cache[key]
     nbytes = len(data) * int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
     if not resident_fits(nbytes, device):
@@ -142,8 +126,7 @@ def model_batches(data: ImageData, batch_size: int, model: nn.Module | torch.dev
     """``(images (N, C, H, W), labels int64 (N,))`` of ``data`` in order, ``batch_size`` at a
     time, on ``model``'s device and in its parameters' dtype (or ``model`` is the device and
     ``dtype`` defaults to float32). NHWC strides when ``channels_last``."""
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise BdpruningError(f"batch size must be an integer of at least 1 (got {batch_size!r})")
+    check_batch_size(batch_size)
     if isinstance(model, torch.device):
         device, dtype = model, dtype or torch.float32
     else:

@@ -19,8 +19,10 @@ from __future__ import annotations
 import copy
 import numbers
 import os
-from typing import Iterable, Iterator, Sequence, Union
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Sequence, Union
 
+import numpy as np
 import torch
 from torch.utils.data import (
     BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, SubsetRandomSampler, TensorDataset,
@@ -28,12 +30,13 @@ from torch.utils.data import (
 )
 from torch.utils.data.distributed import DistributedSampler
 
+from .checks import check_batch_size, check_image_shape, check_images, check_labels
 from .hdf5 import H5ImageSet, read_h5_dataset
-from ..errors import BdpruningError, file_error
+from ..errors import BdpruningError
 # moved to bdpruning.models.record (a model concern); re-exported until the sweep's callers switch
 from ..models.record import model_expectations, range_of_images
 
-__all__ = ["DataLike", "ImageData", "as_image_data", "data_name", "model_expectations"]
+__all__ = ["DataLike", "ImageData", "StoredImages", "as_image_data", "data_name", "model_expectations"]
 
 #: What :func:`as_image_data` accepts.
 DataLike = Union[str, os.PathLike, H5ImageSet, Dataset, DataLoader, tuple, "ImageData"]
@@ -53,31 +56,6 @@ def _describe(value: object) -> str:
     if isinstance(value, (tuple, list)):
         return f"a {type(value).__name__} of {len(value)}"
     return f"a value of type {type(value).__name__}"
-
-
-def check_images(images: torch.Tensor, where: str, image_shape: Sequence[int] | None) -> torch.Tensor:
-    """``images`` as float32 after checking it is (N, C, H, W) of a real dtype (and ``image_shape``)."""
-    if images.dim() != 4:
-        hint = " (a single unbatched image?)" if images.dim() == 3 else ""
-        raise BdpruningError(f"{where}: images have shape {tuple(images.shape)}{hint}, expected (N, C, H, W)")
-    if images.dtype == torch.bool or images.is_complex():
-        raise BdpruningError(f"{where}: images have dtype {images.dtype}, expected a float or integer dtype")
-    if image_shape is not None and tuple(images.shape[1:]) != tuple(image_shape):
-        raise BdpruningError(f"{where}: images have shape {tuple(images.shape[1:])}, expected {tuple(image_shape)}")
-    return images.to(torch.float32)
-
-
-def check_labels(labels: torch.Tensor, count: int, where: str, num_classes: int | None) -> torch.Tensor:
-    """``labels`` as int64 after checking they are ``count`` integers in ``0..num_classes - 1``."""
-    if labels.dim() != 1 or len(labels) != count:
-        raise BdpruningError(f"{where}: labels have shape {tuple(labels.shape)}, expected ({count},) for {count} images")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise BdpruningError(f"{where}: labels have dtype {labels.dtype}, expected integers")
-    labels = labels.to(torch.int64)
-    if count and (labels.min() < 0 or (num_classes is not None and labels.max() >= num_classes)):
-        classes = "" if num_classes is None else f", outside the model's {num_classes} classes"
-        raise BdpruningError(f"{where}: labels range {int(labels.min())}..{int(labels.max())}{classes}")
-    return labels
 
 
 def _join(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -102,6 +80,17 @@ def _rechunk(blocks: Iterable[Batch], size: int) -> Iterator[Batch]:
                 images, labels, held = [], [], 0
     if held:
         yield _join(images), _join(labels)
+
+
+@dataclass(frozen=True)
+class StoredImages:
+    """Random access to data held whole, in memory or in an HDF5 file, in its stored dtype."""
+
+    read: Callable[[int, int], torch.Tensor]  #: rows ``start:stop`` as stored (uint8 for the course's files)
+    dtype: torch.dtype
+    image_shape: tuple[int, ...]  #: (C, H, W)
+    labels: torch.Tensor  #: int64, all of them
+    tensor: torch.Tensor | None = None  #: the whole images tensor, when the data is one
 
 
 class ImageData:
@@ -145,8 +134,7 @@ class ImageData:
 
     def batches(self, batch_size: int) -> Iterator[Batch]:
         """``(images float32 (N, C, H, W), labels int64 (N,))`` in order, ``batch_size`` at a time."""
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise BdpruningError(f"batch size must be an integer of at least 1 (got {batch_size!r})")
+        check_batch_size(batch_size)
         shape = self.image_shape
 
         def checked() -> Iterator[Batch]:
@@ -162,6 +150,11 @@ class ImageData:
             yield images, labels
         if seen != self.length:
             raise BdpruningError(f"{self.kind} gave {seen} images, but its length is {self.length}")
+
+    def stored(self) -> StoredImages | None:
+        """Random access to the images as stored, for data held whole (an HDF5 set, a pair of
+        tensors); None for data that can only be streamed in batches."""
+        return None
 
     def first_images(self, count: int = 1) -> torch.Tensor:
         """The first ``count`` images (fewer when the data is shorter)."""
@@ -182,13 +175,17 @@ class _H5Data(ImageData):
 
     def _expect(self, num_classes: int | None, image_shape: Sequence[int] | None) -> None:
         super()._expect(num_classes, image_shape)
-        if self.image_shape is not None and tuple(self.dataset.image_shape) != self.image_shape:
-            raise file_error(self.kind, f"images have shape {tuple(self.dataset.image_shape)}, "
-                                        f"the model expects {self.image_shape}")
+        check_image_shape(self.dataset.image_shape, self.image_shape, self.kind)
         check_labels(self.dataset.labels, self.length, self.kind, self.num_classes)
 
     def _blocks(self, batch_size: int) -> Iterator[object]:
         return self.dataset.batches(batch_size)
+
+    def stored(self) -> StoredImages:
+        dataset = self.dataset
+        return StoredImages(lambda start, stop: torch.from_numpy(dataset.raw(start, stop)),
+                            torch.from_numpy(np.empty(0, dataset.raw_dtype)).dtype, tuple(dataset.image_shape),
+                            dataset.labels)
 
     def as_dataset(self) -> Dataset:
         return self.dataset  # keeps its block reads (__getitems__)
@@ -211,6 +208,11 @@ class _TensorData(ImageData):
     def _blocks(self, batch_size: int) -> Iterator[object]:
         for start in range(0, self.length, batch_size):
             yield self.images[start:start + batch_size], self.labels[start:start + batch_size]
+
+    def stored(self) -> StoredImages:
+        images = self.images
+        return StoredImages(lambda start, stop: images[start:stop], images.dtype, tuple(images.shape[1:]),
+                            self.labels.to(torch.int64), images)
 
     def as_dataset(self) -> Dataset:
         return _CheckedItems(self)

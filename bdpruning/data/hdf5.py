@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import file_error
+from .checks import check_image_shape, check_labels
 
 __all__ = ["H5ImageSet", "read_h5_dataset"]
 
@@ -70,11 +71,7 @@ class H5ImageSet(Dataset):
                 f"'data' has shape {data.shape}: channels-last; expected channels-first "
                 "(N, 3, H, W) as in the course's files (transpose with (0, 3, 1, 2))",
             )
-        if image_shape is not None and tuple(data.shape[1:]) != tuple(image_shape):
-            raise file_error(
-                self.path,
-                f"images have shape {tuple(data.shape[1:])}, the model expects {tuple(image_shape)}",
-            )
+        check_image_shape(data.shape[1:], image_shape, str(self.path))
 
     def _read_labels(self, label: h5py.Dataset, n: int, num_classes: int | None) -> torch.Tensor:
         values = np.asarray(label[()]).reshape(-1) if label.ndim <= 1 else None
@@ -84,14 +81,7 @@ class H5ImageSet(Dataset):
             raise file_error(self.path, "'label' must hold finite numbers")
         if np.any(values != np.round(values)):
             raise file_error(self.path, "'label' holds non-integer values")
-        labels = values.astype(np.int64)
-        if labels.min() < 0 or (num_classes is not None and labels.max() >= num_classes):
-            raise file_error(
-                self.path,
-                f"labels range {labels.min()}..{labels.max()}, outside the model's "
-                f"{num_classes} classes (0..{(num_classes or 1) - 1})",
-            )
-        return torch.from_numpy(labels)
+        return check_labels(torch.from_numpy(values.astype(np.int64)), n, str(self.path), num_classes)
 
     def __len__(self) -> int:
         return len(self.labels)
