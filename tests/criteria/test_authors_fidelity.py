@@ -226,3 +226,16 @@ def test_bdprunings_anp_learns_the_masks_of_an_authors_style_loop():
         torch.testing.assert_close(torch.tensor(scores.scores[layer], dtype=torch.float64), values,
                                    rtol=0, atol=1e-9)
     assert min(min(v) for v in scores.scores.values()) < 0.95  # the masks moved
+
+
+def test_clp_covers_batchnorm_layers_only_unless_extended_and_warns_on_a_net_without_any(caplog):
+    from helpers.planted import planted_net
+
+    from bdpruning.criteria import CLP
+
+    assert list(CLP(u=0).score(tiny_bn()).scores) == ["conv1", "conv2"]
+    with caplog.at_level(logging.WARNING, logger="bdpruning.criteria.clp"):
+        scores = CLP().score(planted_net())
+    assert scores.selected == 0 and scores.order == [] and len(caplog.records) == 1
+    assert "no conv layer is followed by a BatchNorm" in caplog.records[0].getMessage()
+    assert CLP(convs_without_batchnorm=True).score(planted_net()).selection() == {"features": [0]}
