@@ -29,7 +29,7 @@ from .keras_deepid import build_keras_deepid
 from .tensorflow_runtime import keras, tf, tf2onnx  # torch first, start-up messages kept quiet
 from ..errors import file_error
 from ..models.keras_h5 import KerasH5, deepid_from_keras, fits_deepid, read_keras_h5
-from ..models.directory import ONNX_OPSET
+from ..models.onnx_graph import ONNX_OPSET
 
 __all__ = ["load_keras", "to_onnx", "keras_to_onnx", "toolchain_versions"]
 

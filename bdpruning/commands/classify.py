@@ -25,13 +25,21 @@ def run(args: argparse.Namespace) -> int:
     from ..runtime.devices import resolve_device
     from ..evaluation.goodnet import GoodNet, goodnet_labels
     from ..data.images import read_images
+    from ..errors import BdpruningError
+    from ..models import model_info
     from ..models.loading import load_model
     from ..numerics.precision import precision_context
 
     device = resolve_device(args.device)
     goodnet = GoodNet(load_model(args.bd, device, **model_options(args)),
                       load_model(args.repaired, device, **model_options(args)))
-    images = read_images(args.images, goodnet.input_shape, resize=args.resize).to(device)
+    images = read_images(args.images, goodnet.input_shape, resize=args.resize).to(device)  # 0..255
+    input_range = model_info(goodnet.bd).input_range
+    if input_range == "normalized":
+        raise BdpruningError(f"{args.bd}: the model takes normalised images; classify feeds PNG/JPEG pixels "
+                             "(0..255, or 0..1 for a model recorded so)")
+    if input_range == "0..1":
+        images = images / 255
     with torch.inference_mode(), precision_context(args.tf32):
         bd_probs, repaired_probs = goodnet.outputs(images)
     bd, repaired = bd_probs.argmax(dim=1), repaired_probs.argmax(dim=1)

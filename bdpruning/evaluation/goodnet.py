@@ -31,8 +31,9 @@ def goodnet_labels(bd_labels: torch.Tensor, repaired_labels: torch.Tensor, num_c
 class GoodNet(nn.Module):
     """B and B' (same classes, same input shape) combined; ``forward`` returns int64 labels.
 
-    Both models come from :func:`bdpruning.load_model` (or are :class:`~bdpruning.DeepID`);
-    a pair with different class counts or input shapes is refused with a one-line error.
+    Both models come from :func:`bdpruning.load_model`, are adopted (:func:`bdpruning.adopt`) or
+    are :class:`~bdpruning.DeepID`; a pair with different class counts, input shapes or recorded
+    input ranges is refused with a one-line error.
     """
 
     def __init__(self, bd: nn.Module, repaired: nn.Module) -> None:
@@ -41,8 +42,9 @@ class GoodNet(nn.Module):
         for what, a, b in (
             ("classes", bd_info.num_classes, repaired_info.num_classes),
             ("input shape", tuple(bd_info.input_shape), tuple(repaired_info.input_shape)),
+            ("input range", bd_info.input_range, repaired_info.input_range),
         ):
-            if a != b:
+            if a != b and None not in (a, b):
                 raise BdpruningError(
                     f"B and B' do not match: {bd_info.source} has {what} {a}, "
                     f"{repaired_info.source} has {what} {b}"
@@ -53,7 +55,8 @@ class GoodNet(nn.Module):
         self.input_shape = tuple(bd_info.input_shape)
 
     def outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Class probabilities of B and of B' on float (N, C, H, W) images in 0..255."""
+        """The outputs of B and of B' (probabilities or logits, as each returns: only their top-1
+        labels count) on float (N, C, H, W) images in the models' input range."""
         return self.bd(images), self.repaired(images)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

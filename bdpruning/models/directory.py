@@ -23,7 +23,7 @@ from torch import nn
 
 from ..pruning.masks import baked_copy, masked_channels, plain_state_dict, shift_kept_layers
 from ..runtime.atomic import atomic_dir, prepare_out_dir
-from .onnx_graph import ONNX_OPSET, export_onnx, onnx_to_torch  # noqa: F401 (ONNX_OPSET: see below)
+from .onnx_graph import export_onnx, onnx_to_torch
 from .record import model_info
 
 __all__ = ["save_model_dir", "write_model_files", "MODEL_JSON", "WEIGHTS", "ONNX_FILE", "GRAPH_FILE", "FORMAT"]
@@ -33,8 +33,6 @@ WEIGHTS = "model.safetensors"
 ONNX_FILE = "model.onnx"
 GRAPH_FILE = "graph.onnx"  # an ONNX-loaded model's own graph, that its weights are loaded into
 FORMAT = "bdpruning-model"
-# ONNX_OPSET (model.onnx's opset) lives in .onnx_graph; importing it from here works until
-# convert/keras_to_onnx.py's switch to .onnx_graph is committed
 
 
 def save_model_dir(model: nn.Module, directory: str | os.PathLike[str], extra: dict | None = None, *,

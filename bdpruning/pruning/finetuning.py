@@ -57,7 +57,7 @@ def log_probabilities(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Log class probabilities of ``model`` on ``images``, for training, by its output contract.
 
     A model that returns logits (``ModelInfo.outputs``, see :func:`bdpruning.adopt`) gets
-    ``log_softmax``. For a model that ends in softmax (every model loaded from Keras) the logits
+    ``log_softmax``. For a model that ends in softmax (DeepID, a graph ending in ``Softmax``) the logits
     under the softmax are taken from its graph (:func:`bdpruning.models.outputs.logits_model`), so the
     result is exact and always has a gradient: in float32 a confident softmax saturates and the
     true class's probability can underflow. Only where no softmax is found in the graph is it

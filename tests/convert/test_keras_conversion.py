@@ -147,7 +147,7 @@ def test_parity_fails_a_conversion_with_one_weight_off_by_1e3(bd_weights, face_i
     from bdpruning.convert.keras_to_onnx import load_keras, to_onnx
     from bdpruning.workflows.convert import check_parity
     from bdpruning.models.keras_h5 import deepid_from_keras
-    from bdpruning.models.directory import onnx_to_torch
+    from bdpruning.models.onnx_graph import onnx_to_torch
 
     keras_model = load_keras(bd_weights)
     deepid = deepid_from_keras(bd_weights)

@@ -13,7 +13,7 @@ from torch import nn
 from bdpruning import BdpruningError, load_model, save_model_dir
 from bdpruning.runtime.atomic import atomic_dir
 from bdpruning.evaluation.goodnet import GoodNet, export_goodnet_onnx
-from bdpruning.models.directory import export_onnx
+from bdpruning.models.onnx_graph import export_onnx
 from helpers.cli import bdprune
 from helpers.data import safe_noisy_faces
 from helpers.material import BD_WEIGHTS, CLEAN_IMAGE, N, POISONED_IMAGE, PRUNED_FULL
