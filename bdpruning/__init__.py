@@ -17,17 +17,17 @@ from .errors import BdpruningError
 from .evaluation.goodnet import GoodNet
 from .graph.layers import find_layer, layer_names
 from .models.loading import load_model
-from .criteria.activation_means import rank_channels
+from .criteria.activation import rank_channels
 from .pruning.masks import plain_state_dict, prune_channels, pruned_channels
 from .models.directory import save_model_dir
 from .models import DeepID, ModelInfo, adopt, model_info
 from .pruning.compaction import compact_model, model_cost
 from .numerics.precision import precision_context
-from .workflows.prune import save_repaired
+from .workflows.prune import save_defense, save_repaired
 from .sweep.lab import SweepResult, run_sweep
 from .criteria import ANP, CLP, RNP, MeanActivation
-from .sweep.defense import DefenseResult, run_defense
-from .workflows.defend import save_defense
+from .sweep.loop import run_defense, sweep_criterion
+from .sweep.result import DefenseResult
 
 __all__ = [
     "ANP",
@@ -36,6 +36,7 @@ __all__ = [
     "MeanActivation",
     "RNP",
     "run_defense",
+    "sweep_criterion",
     "save_defense",
     "BdpruningError",
     "DeepID",

@@ -4,10 +4,10 @@ Two ``trainer.test`` passes over :class:`~.data.H5DataModule`, whose loaders giv
 process an unpadded shard (each image on exactly one process):
 
 1. :class:`RankingModule` adds the rank layer's outputs into exact per-channel sums
-   (:class:`bdpruning.criteria.activation_means.ActivationMeans`, int64 bins), summed across processes, so
+   (:class:`bdpruning.criteria.activation.ActivationMeans`, int64 bins), summed across processes, so
    every process gets the single-process ranking to the last bit;
 2. :class:`StepCountsModule` runs the model's prefix once per batch and the suffix per step, as
-   :func:`bdpruning.sweep.lab.run_sweep` does, and counts the correct top-1 labels at every step on
+   the split engine does (:mod:`bdpruning.sweep.split_engine`), and counts the correct top-1 labels at every step on
    the clean and the poisoned set; the int64 counts are summed across processes.
 
 The result is :func:`bdpruning.sweep.lab.sweep_result` of the ranking and counts: the steps and
@@ -26,22 +26,19 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from bdpruning.criteria.activation_means import ActivationMeans
+from bdpruning.criteria.activation import ActivationMeans, MeanActivation, StopForward
 from bdpruning.data.forms import DataLike, as_image_data, model_expectations
 from bdpruning.errors import BdpruningError
 from bdpruning.graph.fused import inference_module
 from bdpruning.graph.layers import find_layer
 from bdpruning.numerics.precision import precision_context
-from bdpruning.sweep.lab import SweepResult, _chunk_predictions, _split_for, check_thresholds, sweep_layers, sweep_result
+from bdpruning.sweep.lab import SweepResult, check_thresholds, sweep_result
+from bdpruning.sweep.split_engine import chunk_predictions, split_for
 
 from .data import SET_NAMES, H5DataModule
 from .evaluation import make_trainer
 
 __all__ = ["RankingModule", "StepCountsModule", "distributed_sweep"]
-
-
-class _Stop(Exception):
-    """Raised by the ranking hook: nothing after the rank layer is needed."""
 
 
 class RankingModule(pl.LightningModule):
@@ -53,19 +50,15 @@ class RankingModule(pl.LightningModule):
         super().__init__()
         self.tf32 = tf32
         self.means = ActivationMeans()
-        split = _split_for(model, layer, rank_layer)
+        split = split_for(model, layer, rank_layer)
         self.channels_last = split.channels_last
         self.handle = None
         if split.node_name == rank_layer:
             self.run = split.prefix
         else:
-            self.handle = find_layer(model, rank_layer)[1].register_forward_hook(self._hook)
+            self.handle = find_layer(model, rank_layer)[1].register_forward_hook(self.means.stop_hook)
             fast = inference_module(model)  # after the hook: the hooked layer stays as it is
             self.run, self.channels_last = fast.module, fast.channels_last
-
-    def _hook(self, _module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
-        self.means.add(output)
-        raise _Stop
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         images = batch[0].contiguous(memory_format=torch.channels_last) if self.channels_last else batch[0]
@@ -73,7 +66,7 @@ class RankingModule(pl.LightningModule):
             with precision_context(self.tf32):
                 values = self.run(images)
             self.means.add(values[0])
-        except _Stop:
+        except StopForward:
             pass
 
     def on_test_epoch_end(self) -> None:
@@ -93,7 +86,7 @@ class StepCountsModule(pl.LightningModule):
 
     def __init__(self, model: nn.Module, layer: str, rank_layer: str, order: Sequence[int], tf32: bool = False) -> None:
         super().__init__()
-        self.split = _split_for(model, layer, rank_layer)
+        self.split = split_for(model, layer, rank_layer)
         self.prefix, self.suffix = self.split.prefix, self.split.suffix  # registered: moved to the device
         self.order, self.tf32 = list(order), tf32
         self.register_buffer("counts", torch.zeros(len(SET_NAMES), len(order) + 1, dtype=torch.int64))
@@ -105,7 +98,7 @@ class StepCountsModule(pl.LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         with precision_context(self.tf32):
             values = self.prefix(images)
-            for step, predictions in enumerate(_chunk_predictions(self.suffix, values, self.order)):
+            for step, predictions in enumerate(chunk_predictions(self.suffix, values, self.order)):
                 self.counts[dataloader_idx, step] += (predictions == labels).sum()
 
     def on_test_epoch_end(self) -> None:
@@ -134,24 +127,23 @@ def distributed_sweep(
     check_thresholds(thresholds)
     model = model.eval()
     expectations = model_expectations(model)
-    clean_data = as_image_data(clean, **expectations)
-    layer_name, rank_name, _ = sweep_layers(model, clean_data, layer, rank_layer, thresholds, tf32)
+    criterion = MeanActivation(layer, rank_layer, batch_size=batch_size, tf32=tf32)
+    layer_name, rank_name = criterion.layers(model, as_image_data(clean, **expectations))
 
     ranking_data = H5DataModule(clean_test=clean, batch_size=batch_size, **expectations)
     ranker = RankingModule(model, layer_name, rank_name, tf32)
     trainer = make_trainer(**trainer_options)
     ranking_data.check_processes(trainer.world_size)
     trainer.test(ranker, datamodule=ranking_data, verbose=False)
-    ranking = ranker.means.ranking(rank_name)
+    scores = criterion.scores_from(ranker.means.ranking(rank_name), layer_name, clean, 0.0)
 
     step_data = H5DataModule(clean_test=clean, poisoned_test=poisoned, batch_size=batch_size, **expectations)
-    counter = StepCountsModule(model, layer_name, rank_name, ranking.order, tf32)
+    counter = StepCountsModule(model, layer_name, rank_name, [channel for _, channel in scores.order], tf32)
     trainer = make_trainer(**trainer_options)
     trainer.test(counter, datamodule=step_data, verbose=False)
     if not trainer.is_global_zero:
         return None
     clean_count = len(step_data.test_sets[0])
     poisoned_count = len(step_data.test_sets[1]) if poisoned is not None else None
-    return sweep_result(layer_name, rank_name, ranking, counter.totals[0],
-                        counter.totals[1] if poisoned is not None else None, clean_count, poisoned_count,
-                        thresholds, full_sweep, counter.split.node_name)
+    return sweep_result(scores, counter.totals[0], counter.totals[1] if poisoned is not None else None,
+                        clean_count, poisoned_count, thresholds, full_sweep, counter.split.node_name)

@@ -25,6 +25,18 @@ def _threshold(text: str) -> float:
     return value
 
 
+def _budget(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of points (or 'none')") from None
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"{text!r}: the budget is a number of points in 0..100")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="Keras .h5, ONNX file or bdpruning model directory")
     parser.add_argument("--clean-valid", required=True, help="clean validation set (HDF5 data/label)")
@@ -66,6 +78,20 @@ def add_criterion_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--stop-accuracy", type=float, default=0.2,
                        help="rnp: unlearn until clean accuracy falls to this fraction (default: 0.2)")
     group.add_argument("--train-batch-size", type=int, default=128, help="anp/rnp: training batch (default: 128)")
+    group.add_argument("--max-accuracy-drop", type=_budget, default=5.0, metavar="POINTS",
+                       help="clp/anp/rnp: cap the criterion's choice at the most-pruned step of its own order whose "
+                            "clean-accuracy drop, on clean images it did not learn from, is at most POINTS "
+                            "(default: 5; 'none': the criterion's raw choice)")
+    group.add_argument("--clp-all-convs", action="store_true",
+                       help="clp: also score convs without a BatchNorm (ours; the authors cover BatchNorm layers only)")
+    group.add_argument("--anp-clip-noise", action="store_true",
+                       help="anp: clip the perturbations to [-eps, eps] after each step (ours; the authors do not)")
+    group.add_argument("--unlearn-lr", type=float, default=0.01,
+                       help="rnp: unlearning rate (default: 0.01, the authors'; smaller suits 0..255 inputs)")
+    group.add_argument("--rnp-stop-per-batch", action="store_true",
+                       help="rnp: stop unlearning at the first batch at --stop-accuracy (ours; the authors: per epoch)")
+    group.add_argument("--zero-shift", action="store_true",
+                       help="anp/rnp: prune the shift too (the channel emits 0; the authors keep the shift)")
     group.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu", "cuda"],
                        help="where Lightning runs: anp/rnp training, a data-parallel sweep "
                             "(default: auto, a GPU when there is one)")
@@ -76,86 +102,71 @@ def add_criterion_arguments(parser: argparse.ArgumentParser) -> None:
 
 def make_criterion(args: argparse.Namespace):
     """The criterion object that ``args`` describe (not for ``activation``)."""
-    import logging
     import sys
-    import warnings
 
     from ..criteria import ANP, CLP, RNP
 
     if args.criterion == "clp":
-        return CLP(u=args.u, layers=args.layers)
-    if not args.verbose:  # Lightning's banners and warnings only with -v
-        for name in ("pytorch_lightning", "lightning_fabric"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-        warnings.filterwarnings("ignore", module="pytorch_lightning")
+        return CLP(u=args.u, layers=args.layers, convs_without_batchnorm=args.clp_all_convs)
+    # Lightning's banners, tips and warnings only with -v; one progress bar per stage
     options = dict(accelerator=args.accelerator, devices=args.devices, strategy=args.strategy,
-                   progress=sys.stdout.isatty() and not args.no_progress)
+                   progress=sys.stderr.isatty() and not args.no_progress, verbose=bool(args.verbose))
     shared = dict(images=args.images, threshold=args.mask_threshold, count=args.prune_count,
-                  batch_size=args.train_batch_size, seed=args.seed, layers=args.layers, trainer_options=options)
+                  batch_size=args.train_batch_size, seed=args.seed, layers=args.layers, trainer_options=options,
+                  keep_shift=not args.zero_shift)
     if args.criterion == "anp":
-        return ANP(eps=args.eps, alpha=args.alpha, iterations=args.iterations, **shared)
-    return RNP(stop_accuracy=args.stop_accuracy, unlearn_epochs=args.unlearn_epochs,
-               recover_epochs=args.recover_epochs, **shared)
+        return ANP(eps=args.eps, alpha=args.alpha, iterations=args.iterations, clip_noise=args.anp_clip_noise,
+                   **shared)
+    return RNP(stop_accuracy=args.stop_accuracy, unlearn_epochs=args.unlearn_epochs, unlearn_lr=args.unlearn_lr,
+               recover_epochs=args.recover_epochs, stop_per_batch=args.rnp_stop_per_batch, **shared)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..workflows.prune import prune_model
+    from ..workflows.prune import prune_stage
+    from ..workflows.summary import LabSummary
 
     torch.manual_seed(args.seed)
-    if args.criterion != "activation":
-        return _run_criterion(args)
-    args.thresholds = args.thresholds or [2.0, 4.0, 10.0]
-    summary = prune_model(
-        args.model, args.clean_valid, args.out, poisoned_valid=args.poisoned_valid,
-        thresholds=args.thresholds, layer=args.layer, rank_layer=args.rank_layer,
-        full_sweep=args.full_sweep, device=args.device, batch_size=args.batch_size,
+    summary = prune_stage(
+        args.model, args.clean_valid, args.out, None if args.criterion == "activation" else make_criterion(args),
+        poisoned_valid=args.poisoned_valid, thresholds=args.thresholds, layer=args.layer,
+        rank_layer=args.rank_layer, full_sweep=args.full_sweep, device=args.device, batch_size=args.batch_size,
         force=args.force, progress=not args.no_progress, tf32=args.tf32,
         trainer_options=dict(accelerator=args.accelerator, devices=args.devices, strategy=args.strategy),
+        max_accuracy_drop=None if args.criterion == "activation" else args.max_accuracy_drop,
     )
-    if summary is None:  # an extra process of --devices N --strategy ddp: the first one reports
+    if summary is None:  # an extra process of a ddp launch: the first one writes and reports
         return 0
-    base = summary["baseline"]
-    print(f"baseline: clean accuracy {base['clean_accuracy']:.2f} %, ASR {_asr(base['attack_success_rate'])} %")
-    print(f"{'threshold':>9}  {'channels':>8}  {'clean acc':>9}  {'ASR':>6}  model")
-    _print_thresholds(summary["thresholds"])
+    base = summary.baseline
+    if isinstance(summary, LabSummary):
+        print(f"baseline: clean accuracy {base.clean_accuracy:.2f} %, ASR {_asr(base.attack_success_rate)} %")
+        print(f"{'threshold':>9}  {'channels':>8}  {'clean acc':>9}  {'ASR':>6}  model")
+    else:
+        chosen = summary.chosen.at
+        print(f"{summary.criterion}: {summary.channels} channels of {', '.join(summary.layers)} scored "
+              f"in {summary.seconds:.1f} s")
+        print(f"baseline: clean accuracy {base.clean_accuracy:.2f} %, ASR {_asr(base.attack_success_rate)} %")
+        pruned = ", ".join(f"{layer} {len(c)}" for layer, c in chosen.pruned_channels.items()) or "none"
+        budget = summary.budget
+        if budget is not None:
+            print(f"its own choice: {budget['raw']} channels: clean accuracy {budget['raw_clean_accuracy']:.2f} %, "
+                  f"ASR {_asr(budget['raw_attack_success_rate'])} % ({budget['raw_held_out_drop']:.1f} points lost "
+                  f"on {budget['held_out']} clean images it did not learn from)")
+        label = f"its choice within the {budget['max_drop']:g}-point budget" if budget is not None else "its choice"
+        print(f"{label}: {chosen.channels_pruned} channels ({pruned}): clean accuracy "
+              f"{chosen.clean_accuracy:.2f} %, ASR {_asr(chosen.attack_success_rate)} %"
+              + (f"  -> {chosen.model_dir}" if chosen.model_dir else ""))
+    for entry in summary.thresholds:
+        if entry.reached:
+            at = entry.at
+            print(f"{entry.threshold:>8g}%  {at.channels_pruned:>8}  {at.clean_accuracy:>9.2f}"
+                  f"  {_asr(at.attack_success_rate)}  {at.model_dir}")
+        else:
+            print(f"{entry.threshold:>8g}%  {'never reached':>30}")
     print(f"results in {args.out}")
     return 0
 
 
 def _asr(value: float | None) -> str:
     return "-" if value is None else f"{value:6.2f}"
-
-
-def _print_thresholds(entries: list[dict]) -> None:
-    for entry in entries:
-        if entry["reached"]:
-            print(f"{entry['threshold']:>8g}%  {entry['channels_pruned']:>8}  {entry['clean_accuracy']:>9.2f}"
-                  f"  {_asr(entry['attack_success_rate'])}  {entry['model_dir']}")
-        else:
-            print(f"{entry['threshold']:>8g}%  {'never reached':>30}")
-
-
-def _run_criterion(args: argparse.Namespace) -> int:
-    from ..workflows.defend import defend_model
-
-    criterion = make_criterion(args)
-    summary = defend_model(
-        args.model, args.clean_valid, args.out, criterion, poisoned_valid=args.poisoned_valid,
-        thresholds=args.thresholds or (), full_sweep=args.full_sweep, device=args.device,
-        batch_size=args.batch_size, force=args.force, progress=not args.no_progress, tf32=args.tf32,
-    )
-    if summary is None:  # an extra ddp process: the first one writes and reports
-        return 0
-    base, chosen = summary["baseline"], summary["chosen"]
-    print(f"{summary['criterion']}: {summary['channels']} channels of {', '.join(summary['layers'])} scored "
-          f"in {summary['seconds']:.1f} s")
-    print(f"baseline: clean accuracy {base['clean_accuracy']:.2f} %, ASR {_asr(base['attack_success_rate'])} %")
-    pruned = ", ".join(f"{layer} {len(c)}" for layer, c in chosen["pruned_channels"].items()) or "none"
-    print(f"its choice: {chosen['channels_pruned']} channels ({pruned}): clean accuracy "
-          f"{chosen['clean_accuracy']:.2f} %, ASR {_asr(chosen['attack_success_rate'])} %"
-          + (f"  -> {chosen['model_dir']}" if chosen["model_dir"] else ""))
-    _print_thresholds(summary["thresholds"])
-    print(f"results in {args.out}")
-    return 0

@@ -1,8 +1,19 @@
-"""The whole pruning defense as one call: load, sweep, write results, repaired models and plots."""
+"""The prune stage as one call, for every criterion: load, score, sweep, write results, repaired
+models and plots (``bdprune prune``).
+
+The lab's criterion (no ``criterion``: mean activation of one layer) writes ``sweep.csv``,
+``sweep.json`` (with the ranking), ``summary.json`` (baseline; every accuracy-drop threshold,
+saved as ``repaired_<T>pct/``), ``accuracy_asr.png`` and ``activations.png``. Any other
+criterion writes ``criterion.json`` (its settings, seed, wall time, every channel's score and
+its order), ``sweep.csv`` / ``sweep.json`` (one row per evaluated step along that order),
+``summary.json`` (baseline; its own choice, saved as ``repaired_<criterion>/``, e.g.
+``repaired_clp/``; accuracy and ASR per value of its parameter; with thresholds, every reached
+threshold, saved as ``repaired_<T>pct/`` as in the lab), ``accuracy_asr.png`` and ``scores.png``.
+Both sweep through the one loop (:mod:`bdpruning.sweep.loop`).
+"""
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 from pathlib import Path
@@ -10,46 +21,119 @@ from typing import Sequence
 
 from torch import nn
 
-from ..runtime.atomic import atomic_dir, prepare_out_dir
+from ..criteria.base import Criterion
 from ..data.hdf5 import H5ImageSet, read_h5_dataset
-from ..models.keras_h5 import write_keras_copy
-from ..models.loading import load_model
-from ..pruning.masks import prune_channels
-from ..models.directory import save_model_dir
 from ..models import model_info
-from .writers import threshold_dirname, write_sweep_results
+from ..models.loading import load_model
+from ..runtime.atomic import atomic_dir, prepare_out_dir
 from ..sweep.lab import SweepResult, run_sweep
+from ..sweep.loop import sweep_criterion
+from ..sweep.result import DefenseResult
+from .summary import CriterionSummary, LabSummary, PruneSummary, RunInputs, threshold_dirname
+from .writers import save_defense_models, save_repaired_models, write_defense_results, write_sweep_results
 
-__all__ = ["load_inputs", "prune_model", "save_pruned_copy", "save_repaired", "save_repaired_models"]
+__all__ = ["load_inputs", "prune_stage", "prune_model", "defend_model", "save_repaired", "save_defense"]
 
 log = logging.getLogger(__name__)
 
 
-def save_pruned_copy(model: nn.Module, pruned: dict[str, list[int]], target: Path, extra: dict) -> bool:
-    """Save a copy of ``model`` with ``pruned`` (``{layer: channels}``) pruned into the new
-    directory ``target``: a model directory, plus ``model.h5`` when the model came from a DeepID
-    Keras file (its layout, pruned channels zeroed). Returns whether ``model.h5`` was written."""
-    repaired = copy.deepcopy(model)
-    for layer, channels in pruned.items():
-        prune_channels(repaired, layer, channels)
-    target.mkdir()
-    save_model_dir(repaired, target, extra=extra)
-    return write_keras_copy(repaired, target / "model.h5")
+def load_inputs(model_path: str | os.PathLike[str], clean_valid: str | os.PathLike[str],
+                poisoned_valid: str | os.PathLike[str] | None, device: str) -> tuple[nn.Module, H5ImageSet, H5ImageSet | None]:
+    """The model and the validation sets, checked against its classes and input shape."""
+    model = load_model(model_path, device=device)
+    info = model_info(model)
+    clean = read_h5_dataset(clean_valid, info.num_classes, info.input_shape)
+    poisoned = read_h5_dataset(poisoned_valid, info.num_classes, info.input_shape) if poisoned_valid else None
+    return model, clean, poisoned
 
 
-def save_repaired_models(model: nn.Module, result: SweepResult, directory: Path) -> None:
-    """Save B'_T for every reached threshold (see :func:`save_pruned_copy`)."""
-    keras_copies = []
-    for hit in result.thresholds:
-        if not hit.reached:
-            continue
-        keras_copies.append(save_pruned_copy(
-            model, {result.layer: result.ranking.order[: hit.step]}, directory / threshold_dirname(hit.threshold),
-            {"threshold": hit.threshold, "step": hit.step,
-             "clean_accuracy": hit.clean_accuracy, "attack_success_rate": hit.attack_success_rate},
-        ))
-    if not all(keras_copies):
-        log.info("no Keras .h5 written for the repaired models: the source is not a DeepID .h5 file")
+def prune_stage(
+    model_path: str | os.PathLike[str],
+    clean_valid: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    criterion: Criterion | None = None,
+    *,
+    poisoned_valid: str | os.PathLike[str] | None = None,
+    thresholds: Sequence[float] | None = None,
+    layer: str = "conv_3",
+    rank_layer: str = "pool_3",
+    full_sweep: bool = False,
+    device: str = "auto",
+    batch_size: int = 1024,
+    force: bool = False,
+    progress: bool = True,
+    tf32: bool = False,
+    trainer_options: dict | None = None,
+    max_accuracy_drop: float | None = None,
+) -> PruneSummary | None:
+    """Prune with ``criterion`` (None: the lab's, ``rank_layer``'s mean activation ranking
+    ``layer``'s channels) and write everything to ``out`` atomically; return the summary.
+
+    ``thresholds`` (accuracy drops in points; default 2, 4, 10 for the lab's criterion, none for
+    the others, which save their own choice). The criterion sees only ``clean_valid``;
+    ``poisoned_valid`` only gives the ASR. The sweep runs in IEEE fp32 unless ``tf32``;
+    ``summary.json`` records the precision. With the lab's criterion and ``trainer_options``
+    (``devices`` > 1, ``strategy="ddp"``...) ranking and sweep run data-parallel under Lightning
+    with the same result (:func:`bdpruning.lightning_modules.sweep.distributed_sweep`). Returns
+    None in the extra processes of a ``ddp`` launch. ``max_accuracy_drop`` (points) caps a
+    criterion's choice (:mod:`bdpruning.sweep.budget`); the summary shows both."""
+    out = prepare_out_dir(out, force)
+    distributed = criterion is None and bool(trainer_options) and trainer_options.get("devices", 1) > 1
+    model, clean, poisoned = load_inputs(model_path, clean_valid, poisoned_valid, "cpu" if distributed else device)
+    sweep = dict(full_sweep=full_sweep, batch_size=batch_size, tf32=tf32)
+    if criterion is not None:
+        result = sweep_criterion(model, criterion, clean, poisoned, thresholds=thresholds or (), progress=progress,
+                                 max_accuracy_drop=max_accuracy_drop, **sweep)
+    elif distributed:
+        from ..lightning_modules.sweep import distributed_sweep
+
+        result = distributed_sweep(model, clean, poisoned, layer=layer, rank_layer=rank_layer,
+                                   thresholds=thresholds or (2.0, 4.0, 10.0), **sweep, **trainer_options)
+    else:
+        result = run_sweep(model, clean, poisoned, layer=layer, rank_layer=rank_layer,
+                           thresholds=thresholds or (2.0, 4.0, 10.0), progress=progress, **sweep)
+    if result is None:  # an extra ddp process: the first one writes
+        return None
+    inputs = RunInputs(str(model_path), str(clean_valid), None if poisoned_valid is None else str(poisoned_valid),
+                       str(next(model.parameters()).device))
+    return _save(result, model, out, inputs, force)
+
+
+def _save(result: SweepResult | DefenseResult, model: nn.Module, out: Path, inputs: RunInputs | None,
+          force: bool) -> PruneSummary:
+    """Write a sweep's results, its repaired models (from the unpruned ``model`` it ran on) and
+    plots into ``out`` atomically."""
+    from .. import plots
+
+    out = prepare_out_dir(out, force)
+    model_info(model)  # refuse an unrecorded model before anything is written
+    model = model.eval()
+    lab = isinstance(result, SweepResult)
+    with atomic_dir(out) as directory:
+        if lab:
+            summary = write_sweep_results(result, directory, inputs)
+            save_repaired_models(model, result, directory)
+            layer, marks = result.layer, ()
+        else:
+            summary = write_defense_results(result, directory, inputs)
+            save_defense_models(model, result, directory)
+            scores = result.scores
+            layer, marks = "all covered conv layers", [(scores.criterion, scores.selected / max(len(scores.order), 1))]
+        steps = result.steps
+        plots.plot_sweep(
+            [s.fraction_pruned for s in steps], [s.clean_accuracy for s in steps],
+            None if result.poisoned_samples is None else [s.attack_success_rate for s in steps],
+            [(h.threshold, h.fraction_pruned) for h in result.thresholds], directory / "accuracy_asr.png",
+            layer=layer, marks=marks,
+        )
+        if lab:
+            plots.plot_activations(result.ranking.order, result.ranking.mean_activation,
+                                   directory / "activations.png", layer=result.rank_layer)
+        else:
+            plots.plot_scores(scores.order, scores.scores, directory / "scores.png",
+                              f"{scores.criterion}: {scores.score_name}", scores.selected)
+    log.info("%s results written to %s", "pruning" if lab else result.scores.criterion, out)
+    return summary
 
 
 def save_repaired(result: SweepResult, model: nn.Module, out_dir: str | os.PathLike[str], *,
@@ -68,70 +152,16 @@ def save_repaired(result: SweepResult, model: nn.Module, out_dir: str | os.PathL
     return {hit.threshold: out / threshold_dirname(hit.threshold) for hit in result.thresholds if hit.reached}
 
 
-def load_inputs(model_path: str | os.PathLike[str], clean_valid: str | os.PathLike[str],
-                poisoned_valid: str | os.PathLike[str] | None, device: str) -> tuple[nn.Module, H5ImageSet, H5ImageSet | None]:
-    """The model and the validation sets, checked against its classes and input shape."""
-    model = load_model(model_path, device=device)
-    info = model_info(model)
-    clean = read_h5_dataset(clean_valid, info.num_classes, info.input_shape)
-    poisoned = read_h5_dataset(poisoned_valid, info.num_classes, info.input_shape) if poisoned_valid else None
-    return model, clean, poisoned
+def save_defense(result: DefenseResult, model: nn.Module, out: str | os.PathLike[str], *,
+                 force: bool = False) -> dict:
+    """Write a criterion's results, repaired models (from the unpruned ``model`` it ran on) and
+    plots into ``out`` atomically (see the module docstring); return the summary as JSON-ready data.
+
+    Raises :class:`~bdpruning.BdpruningError` when ``out`` exists (unless ``force``) or the
+    model has no bdpruning record (see :func:`bdpruning.adopt`)."""
+    return _save(result, model, Path(out), None, force).to_dict()
 
 
-def prune_model(
-    model_path: str | os.PathLike[str],
-    clean_valid: str | os.PathLike[str],
-    out: str | os.PathLike[str],
-    *,
-    poisoned_valid: str | os.PathLike[str] | None = None,
-    thresholds: Sequence[float] = (2.0, 4.0, 10.0),
-    layer: str = "conv_3",
-    rank_layer: str = "pool_3",
-    full_sweep: bool = False,
-    device: str = "auto",
-    batch_size: int = 1024,
-    force: bool = False,
-    progress: bool = True,
-    tf32: bool = False,
-    trainer_options: dict | None = None,
-) -> dict | None:
-    """Run the pruning defense and write everything to ``out`` atomically; return the summary.
-
-    The sweep runs in IEEE fp32 unless ``tf32``; ``summary.json`` records the precision. With
-    ``trainer_options`` (``devices`` > 1, ``strategy="ddp"``...) ranking and sweep run
-    data-parallel under Lightning with the same result
-    (:func:`bdpruning.lightning_modules.sweep.distributed_sweep`); the extra processes return None.
-    """
-    from .. import plots
-
-    distributed = bool(trainer_options) and trainer_options.get("devices", 1) > 1
-    if distributed:
-        from ..lightning_modules.sweep import distributed_sweep
-    out = prepare_out_dir(out, force)
-    model, clean, poisoned = load_inputs(model_path, clean_valid, poisoned_valid, "cpu" if distributed else device)
-    if distributed:
-        result = distributed_sweep(model, clean, poisoned, layer=layer, rank_layer=rank_layer, thresholds=thresholds,
-                                   full_sweep=full_sweep, batch_size=batch_size, tf32=tf32, **trainer_options)
-        if result is None:  # an extra ddp process: the first one writes
-            return None
-    else:
-        result = run_sweep(model, clean, poisoned, layer=layer, rank_layer=rank_layer, thresholds=thresholds,
-                           full_sweep=full_sweep, batch_size=batch_size, progress=progress, tf32=tf32)
-    with atomic_dir(out) as directory:
-        summary = write_sweep_results(result, directory, extra={
-            "model": str(model_path), "clean_valid": str(clean_valid),
-            "poisoned_valid": None if poisoned_valid is None else str(poisoned_valid),
-            "device": str(next(model.parameters()).device), "precision": result.precision,
-        })
-        save_repaired_models(model, result, directory)
-        steps = result.steps
-        plots.plot_sweep(
-            [s.fraction_pruned for s in steps], [s.clean_accuracy for s in steps],
-            None if poisoned is None else [s.attack_success_rate for s in steps],
-            [(h.threshold, h.fraction_pruned) for h in result.thresholds],
-            directory / "accuracy_asr.png", layer=result.layer,
-        )
-        plots.plot_activations(result.ranking.order, result.ranking.mean_activation,
-                               directory / "activations.png", layer=result.rank_layer)
-    log.info("pruning results written to %s", out)
-    return summary
+#: Old names, kept for one release: both are the one prune stage.
+prune_model = prune_stage
+defend_model = prune_stage
