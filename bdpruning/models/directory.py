@@ -57,7 +57,7 @@ def write_model_files(model: nn.Module, directory: str | os.PathLike[str], extra
     ``onnx_bytes`` gives it (the converter keeps tf2onnx's graph, verified against Keras)."""
     directory = Path(directory)
     info = model_info(model)
-    masks = masked_channels(model)
+    masks, shift_kept = masked_channels(model), shift_kept_layers(model)
     meta = {
         "format": FORMAT,
         "version": 1,
@@ -68,7 +68,7 @@ def write_model_files(model: nn.Module, directory: str | os.PathLike[str], extra
         "source": info.source,
         "outputs": info.outputs,
         "pruned": masks,
-        "shift_kept": shift_kept_layers(model),
+        "shift_kept": shift_kept,
         "removed": [{"layer": layer, "channels": channels} for layer, channels in info.removed],
     }
     save_file(plain_state_dict(model), str(directory / WEIGHTS))
@@ -82,21 +82,23 @@ def write_model_files(model: nn.Module, directory: str | os.PathLike[str], extra
         (directory / GRAPH_FILE).write_bytes(info.onnx_bytes)
     if info.architecture == "adopted":
         meta["class"] = f"{type(model).__module__}.{type(model).__qualname__}"
-        meta["graph_pruned"] = _graph_layers(directory / ONNX_FILE, masks)
+        graph_names = _graph_layers(directory / ONNX_FILE, masks)
+        meta["graph_pruned"] = {graph_names[layer]: channels for layer, channels in masks.items() if layer in graph_names}
+        meta["graph_shift_kept"] = [graph_names[layer] for layer in shift_kept if layer in graph_names]
     meta.update(extra or {})
     (directory / MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n")
     return directory
 
 
-def _graph_layers(onnx_path: Path, masks: dict[str, list[int]]) -> dict[str, list[int]]:
-    """The masks of an adopted model under the names its ONNX graph's layers get in onnx2torch
-    (``layer2.conv2`` is ``layer2/conv2/Conv``), so a reload without the class keeps them; the
-    graph is converted now, so a directory the CLI cannot run is refused before it is written."""
+def _graph_layers(onnx_path: Path, masks: dict[str, list[int]]) -> dict[str, str]:
+    """``{layer: graph layer}`` for the masked layers of an adopted model: the names its ONNX
+    graph's convolutions get in onnx2torch (``layer2.conv2`` is ``layer2/conv2/Conv``, its
+    BatchNorm folded in), so a reload without the class keeps the masks. The graph is converted
+    now, so a directory the CLI cannot run is refused before it is written."""
     modules = dict(onnx_to_torch(onnx.load(str(onnx_path)), onnx_path).named_modules())
-    graph = {}
+    names = {}
     for layer, channels in masks.items():
         name = "/".join(layer.split(".")) + "/Conv"
-        module = modules.get(name)
-        if channels and module is not None and getattr(module, "out_channels", None) is not None:
-            graph[name] = channels
-    return graph
+        if channels and getattr(modules.get(name), "out_channels", None) is not None:
+            names[layer] = name
+    return names

@@ -130,7 +130,7 @@ def _load_dir(directory: Path, into: nn.Module | None, outputs: str | None) -> n
     elif architecture == "adopted":  # without its class: its exported graph, masks renamed
         onnx_bytes = (directory / ONNX_FILE).read_bytes()
         model = onnx_to_torch(onnx.load_from_string(onnx_bytes), directory / ONNX_FILE)
-        _mask(model, meta.get("graph_pruned", {}), [])
+        _mask(model, meta.get("graph_pruned", {}), meta.get("graph_shift_kept", []))
         architecture, removed = "onnx", []  # the exported graph is already compact
     else:
         raise file_error(directory / MODEL_JSON, f"unknown architecture {architecture!r}")

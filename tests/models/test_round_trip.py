@@ -299,3 +299,16 @@ def test_cli_fine_tunes_a_saved_adopted_model_through_its_onnx_keeping_its_masks
     tuned = load_model(tmp_path / "tuned", "cpu")
     assert bdpruning.pruned_channels(tuned, "layer2/conv1/Conv") == [1, 2, 4]
     assert np.isfinite(json.loads((tmp_path / "tuned" / "finetune.json").read_text())["after"]["train_loss"])
+
+
+def test_masks_that_keep_their_shift_survive_a_reload_without_the_class(adopted, tmp_path):
+    """ANP and RNP prune a channel and keep its BatchNorm shift: the exported graph folds that
+    shift into the conv's bias, which the reloaded graph's mask must keep."""
+    bdpruning.prune_channels(adopted, LAYER, [2, 6], keep_shift=True)
+    directory = save_model_dir(adopted, tmp_path / "anp_like")
+    graph = load_model(directory, "cpu")
+    images = quadrants(16, 8)[0]
+    with torch.no_grad():
+        expected, actual = adopted(images), graph(images)
+    assert (actual - expected).abs().max() <= 1e-4 * expected.abs().max()
+    assert masked_channels(load_model(directory, "cpu", into=TinyResNet())) == {LAYER: [2, 6]}
