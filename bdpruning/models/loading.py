@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import onnx
@@ -47,6 +48,9 @@ def _load_onnx(path: Path, proto: onnx.ModelProto, outputs: str | None) -> nn.Mo
 
 
 def _load_keras(path: Path, outputs: str | None) -> nn.Module:
+    if zipfile.is_zipfile(path):
+        raise file_error(path, "a Keras 3 .keras archive; bdpruning reads Keras .h5 files: save it with "
+                               "model.save('model.h5')")
     h5 = read_keras_h5(path)
     if fits_deepid(h5):
         model = deepid_from_keras(path, h5)

@@ -10,9 +10,9 @@ import torch  # noqa: F401 (torch before TensorFlow)
 
 import bdpruning
 
-pytestmark = [pytest.mark.tensorflow, pytest.mark.slow]
 
-
+@pytest.mark.tensorflow
+@pytest.mark.slow
 @pytest.mark.parametrize("activation, outputs", [("softmax", "probabilities"), (None, "logits")])
 def test_a_keras_models_contract_comes_from_its_last_layer(tmp_path, activation, outputs):
     if importlib.util.find_spec("tf2onnx") is None:
@@ -30,3 +30,13 @@ def test_a_keras_models_contract_comes_from_its_last_layer(tmp_path, activation,
     assert bdpruning.model_info(model).input_range is None  # a Keras file does not say; nothing is assumed
     values = model(torch.rand(5, 3, 8, 8)).detach()
     assert torch.allclose(values.sum(dim=1), torch.ones(5), atol=1e-5) == (outputs == "probabilities")
+
+
+def test_a_keras_3_archive_is_refused_in_one_line(tmp_path):
+    import zipfile
+
+    path = tmp_path / "model.keras"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("config.json", "{}")
+    with pytest.raises(bdpruning.BdpruningError, match=r"\.keras archive; bdpruning reads Keras \.h5 files"):
+        bdpruning.load_model(path, "cpu")
