@@ -7,7 +7,6 @@ processes (Lightning re-runs this command in each; only the first prints and wri
 from __future__ import annotations
 
 import argparse
-import json
 
 from .options import add_lightning_arguments, add_model_arguments, lightning_options, model_options, one_device
 
@@ -28,30 +27,12 @@ def _rate(value: float | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..runtime.atomic import atomic_file
-    from ..models.loading import load_model
-    from ..numerics.precision import precision_record
+    from ..workflows.evaluate import evaluate_stage
 
-    device = one_device(args)
-    if device is not None:
-        from ..evaluation.local_counts import count_evaluation
-        from ..runtime.devices import resolve_device
-
-        model = load_model(args.model, device=resolve_device(device), **model_options(args))
-        results = count_evaluation(model, args.clean, args.poisoned, batch_size=args.batch_size, tf32=args.tf32)
-    else:
-        from ..lightning_modules.evaluation import evaluate_model
-
-        model = load_model(args.model, device="cpu", **model_options(args))
-        results = evaluate_model(model, args.clean, args.poisoned, **lightning_options(args))
+    results = evaluate_stage(args.model, args.clean, args.poisoned, device=one_device(args),
+                             options=lightning_options(args), model_options=model_options(args), out=args.out)
     if results is None:  # an extra ddp process: the first one reports
         return 0
-    results = {"model": args.model, "clean": args.clean, "poisoned": args.poisoned, **results,
-               "precision": precision_record(args.tf32)}
-    if args.out:
-        with atomic_file(args.out) as handle:
-            json.dump(results, handle, indent=2)
-            handle.write("\n")
     print(f"model                {args.model}")
     print(f"clean accuracy       {_rate(results['clean_accuracy']):>9}  "
           f"({results['clean_correct']} of {results['clean_images']})")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+from pathlib import Path
 
 from .options import add_lightning_arguments, add_model_arguments, lightning_options, model_options, one_device
 
@@ -42,33 +42,12 @@ def _print_table(rows: list[dict]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..runtime.atomic import atomic_dir, prepare_out_dir
-    from ..models.loading import load_model
-    from ..models import model_info
-    from ..plots import plot_goodnet
+    from ..workflows.evaluate import goodnet_stage
 
-    out = prepare_out_dir(args.out, args.force)
-    device = one_device(args)
-    if device is not None:  # one process: no Lightning (see bdpruning.evaluation.local_counts)
-        from ..evaluation.local_counts import count_goodnets
-        from ..runtime.devices import resolve_device
-
-        bd = load_model(args.bd, device=resolve_device(device), **model_options(args))
-        repaired = [load_model(path, device=resolve_device(device), **model_options(args)) for path in args.repaired]
-        rates = count_goodnets(bd, repaired, args.clean, args.poisoned, batch_size=args.batch_size, tf32=args.tf32)
-    else:
-        from ..lightning_modules.goodnet import evaluate_goodnets
-
-        bd = load_model(args.bd, device="cpu", **model_options(args))
-        repaired = [load_model(path, device="cpu", **model_options(args)) for path in args.repaired]
-        rates = evaluate_goodnets(bd, repaired, args.clean, args.poisoned, **lightning_options(args))
-    if rates is None:  # an extra ddp process: the first one reports
+    rows = goodnet_stage(args.bd, args.repaired, args.clean, args.poisoned, args.out, force=args.force,
+                         device=one_device(args), options=lightning_options(args), model_options=model_options(args))
+    if rows is None:  # an extra ddp process: the first one reports
         return 0
-    num_classes = model_info(bd).num_classes
-    rows = [{"repaired": path, "num_classes": num_classes, **row} for path, row in zip(args.repaired, rates)]
-    with atomic_dir(out) as directory:
-        (directory / "goodnet.json").write_text(json.dumps(rows, indent=2) + "\n")
-        plot_goodnet(rows, directory / "goodnet.png")
     _print_table(rows)
-    print(f"results in {out}")
+    print(f"results in {Path(args.out)}")
     return 0

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..runtime.atomic import atomic_dir
+from ..runtime.atomic import atomic_dir, write_json
 from ..errors import BdpruningError, file_error
 from ..models.loading import load_model
 from .dataset import DATA_FILES, DemoData, make_demo_data, write_demo_data
@@ -206,7 +206,7 @@ def _build(out: Path, parameters: dict[str, Any]) -> dict[str, Any]:
             "files": files,
             "metrics": metrics,
         }
-        (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        write_json(directory / MANIFEST, manifest)
     logger.info("built the demo in %s in %.0f s (%s model): clean accuracy %.3f, attack success rate %.3f", out,
                 time.perf_counter() - start, model["source"], metrics["clean_accuracy"], metrics["attack_success_rate"])
     return manifest

@@ -7,6 +7,7 @@ permissions the user's umask gives any new file before they are renamed into pla
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -15,7 +16,7 @@ from typing import Iterator
 
 from ..errors import file_error
 
-__all__ = ["atomic_dir", "atomic_file", "atomic_path", "prepare_out_dir"]
+__all__ = ["atomic_dir", "atomic_file", "atomic_path", "prepare_out_dir", "write_json"]
 
 
 def _umask() -> int:
@@ -93,3 +94,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_json(path: str | os.PathLike[str], data: object) -> None:
+    """Write ``data`` as indented JSON with a final newline, atomically: the one form of every
+    JSON file bdpruning writes."""
+    with atomic_file(path) as handle:
+        handle.write(json.dumps(data, indent=2) + "\n")

@@ -10,14 +10,13 @@ directory is written even when that check fails, and ``passed`` says so.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 from dataclasses import asdict
 
 import numpy as np
 
-from ..runtime.atomic import atomic_dir, prepare_out_dir
+from ..runtime.atomic import atomic_dir, prepare_out_dir, write_json
 from ..pruning.compaction import compact_model, model_cost
 from ..convert import parity
 from ..errors import BdpruningError
@@ -122,5 +121,5 @@ def compact_directory(
     with atomic_dir(out) as directory:
         save_model_dir(compact, directory, extra={"compacted_from": str(model_path)})
         report["onnx_vs_torch"] = _onnx_check(directory, result, images)
-        (directory / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+        write_json(directory / REPORT, report)
     return report

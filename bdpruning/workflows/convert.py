@@ -14,7 +14,6 @@ costs no TensorFlow start-up and prints one line.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 from torch import nn
 
-from ..runtime.atomic import atomic_dir, prepare_out_dir
+from ..runtime.atomic import atomic_dir, prepare_out_dir, write_json
 from ..numerics import roundoff
 from ..convert import parity
 from ..errors import BdpruningError
@@ -200,5 +199,5 @@ def convert_keras(
     }
     with atomic_dir(out) as directory:
         write_model_files(deepid if deepid is not None else graph_module, directory, onnx_bytes=onnx_bytes)
-        (directory / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+        write_json(directory / REPORT, report)
     return report

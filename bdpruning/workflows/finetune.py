@@ -6,11 +6,10 @@ uses are in :mod:`bdpruning.pruning.finetuning`.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from ..runtime.atomic import atomic_dir, prepare_out_dir
+from ..runtime.atomic import atomic_dir, prepare_out_dir, write_json
 from ..pruning.finetuning import HISTORY_COLUMNS, FinetuneResult
 from ..models.keras_h5 import write_keras_copy
 from ..models.directory import write_model_files
@@ -35,7 +34,7 @@ def save_finetune_run(result: FinetuneResult, out: str | os.PathLike[str], force
     record.update(before=_rates(result.before), after=_rates(result.after))
     with atomic_dir(out) as directory:
         write_model_files(result.model, directory, extra={"finetuned": record})
-        (directory / "finetune.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(directory / "finetune.json", summary)
         write_rows_csv(result.history, directory / "finetune.csv", list(HISTORY_COLUMNS))
         plot_finetune(result.history, directory / "finetune.png")
         write_keras_copy(result.model, directory / "model.h5")
