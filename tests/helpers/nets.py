@@ -78,6 +78,19 @@ class SkipNet(nn.Module):
         return self.head(torch.flatten(self.pool(x), 1)).softmax(dim=1)
 
 
+class FixedView(nn.Module):
+    """conv (3 -> 4 channels, 3x3) then a linear layer behind ``.view(-1, features)``: a reshape
+    to a fixed size, which removing channels must rewrite (or refuse)."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.features = features
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(features, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).view(-1, self.features))
+
+
 class Block(nn.Module):
     """Conv (3x3, padded) -> ReLU -> MaxPool(2)."""
 

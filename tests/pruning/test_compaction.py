@@ -19,7 +19,7 @@ from bdpruning.pruning.dependency import channel_group, remove_channels
 from helpers.conditions import safe_for
 from helpers.data import noisy_faces
 from helpers.material import PRUNED_2PCT_CHANNELS
-from helpers.nets import randomize_batchnorm
+from helpers.nets import FixedView, randomize_batchnorm
 
 # What one conv_3 channel of DeepID costs: its 40x3x3 kernel and bias; 80x2x2 conv_4 weights;
 # 20 fc_1 columns (5x4 positions) of 160. FLOPs per image: conv_3 (10x8 outputs), conv_4 (4x3), fc_1.
@@ -192,15 +192,7 @@ def test_live_channels_and_fixed_reshapes_are_refused():
     with pytest.raises(BdpruningError, match=r"channels \[3\] of 'conv_3' are not pruned"):
         channel_group(model, "conv_3", x).remove([3])
 
-    class FixedView(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4 * 8 * 8, 2)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc(self.conv(x).view(-1, 256))
-
-    fixed = prune_channels(FixedView().eval(), "conv", [0])
+    fixed = prune_channels(FixedView(4 * 8 * 8).eval(), "conv", [0])
     with pytest.raises(BdpruningError, match="fixed size"):
         channel_group(fixed, "conv", torch.zeros(1, 3, 10, 10)).remove([0])
 

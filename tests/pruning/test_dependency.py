@@ -15,7 +15,7 @@ from torch import fx, nn
 
 from bdpruning import BdpruningError, prune_channels
 from bdpruning.pruning.dependency import channel_group, remove_channels
-from helpers.nets import randomize_batchnorm
+from helpers.nets import FixedView, randomize_batchnorm
 
 
 class Flattening(nn.Module):
@@ -162,16 +162,7 @@ def test_a_product_with_a_constant_matrix_loses_its_rows():
 
 def test_a_traced_graph_module_gets_its_fixed_reshape_resized():
     """A model that is its own fx graph (as onnx2torch's are) has its fixed-size reshape rewritten."""
-
-    class FixedView(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4 * 2 * 2, 2)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc(self.conv(x).view(-1, 16))
-
-    graph = fx.symbolic_trace(FixedView().eval())
+    graph = fx.symbolic_trace(FixedView(4 * 2 * 2).eval())
     x = torch.rand(3, 3, 4, 4, dtype=torch.float64)
     expected, model, out = _masked_and_removed(graph, "conv", [0, 2], x)
     assert model.fc.in_features == 8 and (out - expected).abs().max() <= 1e-12
