@@ -22,7 +22,7 @@ from torch import nn
 
 from bdpruning.runtime.devices import check_devices
 from bdpruning.errors import BdpruningError
-from bdpruning.evaluation.metrics import EVALUATION_COUNTS, Count, evaluation_outcomes, evaluation_rates
+from bdpruning.evaluation.metrics import EVALUATION_COUNTS, Count, EvaluationResult, evaluation_outcomes
 from bdpruning.numerics.precision import precision_context
 
 from .data import SET_NAMES, DataLike, H5DataModule
@@ -63,7 +63,7 @@ class CountingModule(pl.LightningModule):
 
 
 class EvaluationModule(CountingModule):
-    """One model's counts on the clean and poisoned sets (see :func:`bdpruning.evaluation.metrics.evaluation_rates`)."""
+    """One model's counts on the clean and poisoned sets (see :class:`bdpruning.evaluation.metrics.EvaluationResult`)."""
 
     def __init__(self, model: nn.Module, tf32: bool = False) -> None:
         super().__init__(EVALUATION_COUNTS, tf32)
@@ -117,7 +117,7 @@ def evaluate_model(
     num_workers: int = 0,
     tf32: bool = False,
     **trainer_options,
-) -> dict[str, int | float | None] | None:
+) -> EvaluationResult | None:
     """Counts and rates (percent) of ``model`` on the clean and poisoned test sets, in IEEE fp32
     unless ``tf32`` (see :func:`~bdpruning.numerics.precision.precision_context`).
 
@@ -127,4 +127,4 @@ def evaluate_model(
     data = H5DataModule.for_model(model, clean_test=clean, poisoned_test=poisoned, batch_size=batch_size,
                                   num_workers=num_workers)
     counts = run_evaluation(EvaluationModule(model, tf32), data, **trainer_options)
-    return None if counts is None else {**counts, **evaluation_rates(counts)}
+    return None if counts is None else EvaluationResult.of(counts)

@@ -1,7 +1,7 @@
 """Evaluating GoodNet ensembles with Lightning: one B, one or more repaired models B'.
 
 B runs once per batch; each B' gets its own counts (``"<i>/<count>"`` for the i-th B'), from
-which :func:`goodnet_results` gives the rates of :func:`bdpruning.evaluation.metrics.goodnet_rates`::
+which :func:`goodnet_results` gives a :class:`bdpruning.evaluation.metrics.GoodNetResult` each::
 
     rows = evaluate_goodnets(bd, [repaired_2, repaired_4, repaired_10], "test.h5", "bd_test.h5")
 """
@@ -15,7 +15,7 @@ from torch import nn
 
 from bdpruning.errors import BdpruningError
 from bdpruning.evaluation.goodnet import GoodNet
-from bdpruning.evaluation.metrics import GOODNET_COUNTS, goodnet_outcomes, goodnet_rates
+from bdpruning.evaluation.metrics import GOODNET_COUNTS, GoodNetResult, goodnet_outcomes
 
 from .data import DataLike, H5DataModule
 from .evaluation import CountingModule, run_evaluation
@@ -42,10 +42,10 @@ class GoodNetModule(CountingModule):
         return outcomes
 
 
-def goodnet_results(counts: dict[str, int], num_repaired: int) -> list[dict[str, float | None]]:
-    """Rates in percent for each repaired model, from the counts of :class:`GoodNetModule`."""
+def goodnet_results(counts: dict[str, int], num_repaired: int) -> list[GoodNetResult]:
+    """Counts and rates for each repaired model, from the counts of :class:`GoodNetModule`."""
     return [
-        goodnet_rates({name: counts.get(f"{i}/{name}", 0) for name in GOODNET_COUNTS})
+        GoodNetResult.of({name: counts.get(f"{i}/{name}", 0) for name in GOODNET_COUNTS})
         for i in range(num_repaired)
     ]
 
@@ -59,8 +59,8 @@ def evaluate_goodnets(
     num_workers: int = 0,
     tf32: bool = False,
     **trainer_options,
-) -> list[dict[str, float | None]] | None:
-    """Rates (percent) of B' and GoodNet(B, B') for each repaired model, in order; in IEEE fp32
+) -> list[GoodNetResult] | None:
+    """Counts and rates (percent) of B' and GoodNet(B, B') for each repaired model, in order; in IEEE fp32
     unless ``tf32`` (see :func:`~bdpruning.numerics.precision.precision_context`).
 
     Returns None in the extra processes of the ``ddp`` launcher; ``trainer_options`` go to

@@ -19,8 +19,8 @@ from torch import nn
 from ..data.forms import DataLike, as_image_data, model_expectations
 from ..graph.fused import inference_module
 from ..data.feed import model_batches
-from .metrics import EVALUATION_COUNTS, GOODNET_COUNTS, evaluation_outcomes, evaluation_rates, goodnet_outcomes, \
-    goodnet_rates
+from .metrics import EVALUATION_COUNTS, GOODNET_COUNTS, EvaluationResult, GoodNetResult, evaluation_outcomes, \
+    goodnet_outcomes
 from ..models import model_info
 from ..numerics.precision import precision_context
 
@@ -46,7 +46,7 @@ def _count(outcomes: Callable[[torch.Tensor, torch.Tensor, bool], dict[str, torc
 
 
 def count_evaluation(model: nn.Module, clean: DataLike, poisoned: DataLike | None = None, *,
-                     batch_size: int = 512, tf32: bool = False) -> dict[str, int | float | None]:
+                     batch_size: int = 512, tf32: bool = False) -> EvaluationResult:
     """Counts and rates (percent) of ``model`` on its device, as
     :func:`~bdpruning.lightning_modules.evaluation.evaluate_model` gives them; IEEE fp32 unless ``tf32``."""
     model.eval()
@@ -56,11 +56,11 @@ def count_evaluation(model: nn.Module, clean: DataLike, poisoned: DataLike | Non
         return evaluation_outcomes(fast.module(images).argmax(dim=1), labels, is_poisoned)
 
     counts = _count(outcomes, EVALUATION_COUNTS, model, clean, poisoned, batch_size, fast.channels_last, tf32)
-    return {**counts, **evaluation_rates(counts)}
+    return EvaluationResult.of(counts)
 
 
 def count_goodnets(bd: nn.Module, repaired: Sequence[nn.Module], clean: DataLike, poisoned: DataLike | None = None,
-                   *, batch_size: int = 512, tf32: bool = False) -> list[dict[str, float | None]]:
+                   *, batch_size: int = 512, tf32: bool = False) -> list[GoodNetResult]:
     """Rates (percent) of B' and GoodNet(B, B') for each repaired model, on B's device, as
     :func:`~bdpruning.lightning_modules.goodnet.evaluate_goodnets` gives them."""
     from .goodnet import GoodNet
@@ -81,5 +81,5 @@ def count_goodnets(bd: nn.Module, repaired: Sequence[nn.Module], clean: DataLike
         return flags
 
     counts = _count(outcomes, names, bd, clean, poisoned, batch_size, channels_last, tf32)
-    return [goodnet_rates({name: counts.get(f"{i}/{name}", 0) for name in GOODNET_COUNTS})
+    return [GoodNetResult.of({name: counts.get(f"{i}/{name}", 0) for name in GOODNET_COUNTS})
             for i in range(len(goodnets))]

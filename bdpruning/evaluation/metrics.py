@@ -3,10 +3,13 @@
 A batch comes from the clean set or from the poisoned set (whose ``label`` holds the attacker's
 target). :func:`evaluation_outcomes` and :func:`goodnet_outcomes` say, per image, which counts
 it adds to; :class:`Count` sums them (int64, sum-reduced across processes by torchmetrics);
-:func:`evaluation_rates` and :func:`goodnet_rates` turn the counts into percentages.
+:class:`EvaluationResult` and :class:`GoodNetResult` hold the summed counts and give the rates
+in percent (``to_json()``: the results files' rows).
 """
 
 from __future__ import annotations
+
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -14,18 +17,19 @@ from .goodnet import goodnet_labels
 
 __all__ = [
     "Count",
+    "EvaluationResult",
+    "GoodNetResult",
     "EVALUATION_COUNTS",
     "GOODNET_COUNTS",
     "evaluation_outcomes",
     "goodnet_outcomes",
     "evaluation_rates",
-    "goodnet_rates",
     "percent",
 ]
 
-#: Counts behind :func:`evaluation_rates`.
+#: Counts behind :class:`EvaluationResult`.
 EVALUATION_COUNTS = ("clean_images", "clean_correct", "poisoned_images", "attack_successes")
-#: Counts behind :func:`goodnet_rates`.
+#: Counts behind :class:`GoodNetResult`.
 GOODNET_COUNTS = EVALUATION_COUNTS + (
     "clean_flagged", "goodnet_clean_correct", "poisoned_flagged", "goodnet_attack_successes",
 )
@@ -67,6 +71,35 @@ def percent(hits: int, total: int) -> float | None:
     return 100.0 * hits / total if total else None
 
 
+@dataclass(frozen=True)
+class EvaluationResult:
+    """One model's exact counts on the clean set (and the poisoned set, None without one), and
+    its clean accuracy and attack success rate (ASR) in percent."""
+
+    clean_images: int = 0
+    clean_correct: int = 0
+    poisoned_images: int | None = None
+    attack_successes: int | None = None
+
+    @classmethod
+    def of(cls, counts: dict[str, int]) -> EvaluationResult:
+        """From counts named as in :data:`EVALUATION_COUNTS` (absent: not counted)."""
+        return cls(**{name: counts[name] for name in EVALUATION_COUNTS if name in counts})
+
+    @property
+    def clean_accuracy(self) -> float | None:
+        return percent(self.clean_correct, self.clean_images)
+
+    @property
+    def attack_success_rate(self) -> float | None:
+        return percent(self.attack_successes or 0, self.poisoned_images or 0)
+
+    def to_json(self) -> dict[str, int | float | None]:
+        """The counts that were taken, then the two rates."""
+        counts = {name: value for name, value in asdict(self).items() if value is not None}
+        return {**counts, **evaluation_rates(counts)}
+
+
 def evaluation_rates(counts: dict[str, int]) -> dict[str, float | None]:
     """Clean accuracy and attack success rate (ASR), in percent."""
     clean, poisoned = counts.get("clean_images", 0), counts.get("poisoned_images", 0)
@@ -76,13 +109,55 @@ def evaluation_rates(counts: dict[str, int]) -> dict[str, float | None]:
     }
 
 
-def goodnet_rates(counts: dict[str, int]) -> dict[str, float | None]:
-    """B' clean accuracy and ASR, GoodNet clean accuracy and ASR, detection and false-alarm rates."""
-    clean, poisoned = counts.get("clean_images", 0), counts.get("poisoned_images", 0)
-    return {
-        **evaluation_rates(counts),
-        "goodnet_clean_accuracy": percent(counts.get("goodnet_clean_correct", 0), clean),
-        "goodnet_attack_success_rate": percent(counts.get("goodnet_attack_successes", 0), poisoned),
-        "detection_rate": percent(counts.get("poisoned_flagged", 0), poisoned),
-        "false_alarm_rate": percent(counts.get("clean_flagged", 0), clean),
-    }
+@dataclass(frozen=True)
+class GoodNetResult:
+    """The exact counts of one repaired model B' and of GoodNet(B, B') (a flagged input counts
+    as an error), and their rates in percent."""
+
+    clean_images: int = 0
+    clean_correct: int = 0
+    poisoned_images: int = 0
+    attack_successes: int = 0
+    clean_flagged: int = 0
+    goodnet_clean_correct: int = 0
+    poisoned_flagged: int = 0
+    goodnet_attack_successes: int = 0
+
+    @classmethod
+    def of(cls, counts: dict[str, int]) -> GoodNetResult:
+        """From counts named as in :data:`GOODNET_COUNTS` (absent: zero)."""
+        return cls(**{name: counts.get(name, 0) for name in GOODNET_COUNTS})
+
+    @property
+    def clean_accuracy(self) -> float | None:
+        """B''s clean accuracy."""
+        return percent(self.clean_correct, self.clean_images)
+
+    @property
+    def attack_success_rate(self) -> float | None:
+        """B''s ASR."""
+        return percent(self.attack_successes, self.poisoned_images)
+
+    @property
+    def goodnet_clean_accuracy(self) -> float | None:
+        return percent(self.goodnet_clean_correct, self.clean_images)
+
+    @property
+    def goodnet_attack_success_rate(self) -> float | None:
+        return percent(self.goodnet_attack_successes, self.poisoned_images)
+
+    @property
+    def detection_rate(self) -> float | None:
+        """Poisoned inputs flagged."""
+        return percent(self.poisoned_flagged, self.poisoned_images)
+
+    @property
+    def false_alarm_rate(self) -> float | None:
+        """Clean inputs flagged."""
+        return percent(self.clean_flagged, self.clean_images)
+
+    def to_json(self) -> dict[str, float | None]:
+        """The six rates (a row of ``goodnet.json`` without the model's name)."""
+        names = ("clean_accuracy", "attack_success_rate", "goodnet_clean_accuracy", "goodnet_attack_success_rate",
+                 "detection_rate", "false_alarm_rate")
+        return {name: getattr(self, name) for name in names}

@@ -44,7 +44,7 @@ def evaluate_stage(model: str, clean: str, poisoned: str | None, *, device: str 
         counts = evaluate_model(net, clean, poisoned, **options)
     if counts is None:
         return None
-    results = {"model": model, "clean": clean, "poisoned": poisoned, **counts,
+    results = {"model": model, "clean": clean, "poisoned": poisoned, **counts.to_json(),
                "precision": precision_record(options["tf32"])}
     if out:
         write_json(out, results)
@@ -73,7 +73,7 @@ def goodnet_stage(bd: str, repaired: list[str], clean: str, poisoned: str, out: 
     if rates is None:
         return None
     num_classes = model_info(bd_net).num_classes
-    rows = [{"repaired": path, "num_classes": num_classes, **row} for path, row in zip(repaired, rates)]
+    rows = [{"repaired": path, "num_classes": num_classes, **row.to_json()} for path, row in zip(repaired, rates)]
     with atomic_dir(out) as directory:
         write_json(directory / "goodnet.json", rows)
         plot_goodnet(rows, directory / "goodnet.png")

@@ -51,13 +51,13 @@ def test_evaluation_counts_are_the_model_s_hits(nets, clean_and_poisoned):
     with torch.no_grad():
         correct = int((bd(clean).argmax(1) == labels).sum())
         attacks = int((bd(poisoned).argmax(1) == targets).sum())
-    assert results == {
+    assert results.to_json() == {
         "clean_images": 13, "clean_correct": correct, "poisoned_images": 7, "attack_successes": attacks,
         "clean_accuracy": percent(correct, 13), "attack_success_rate": percent(attacks, 7),
     }
     valid = H5DataModule(clean_valid=clean_and_poisoned[0], poisoned_valid=clean_and_poisoned[1], batch_size=5)
     assert run_evaluation(EvaluationModule(bd), valid, stage="validate") == {
-        key: results[key] for key in ("clean_images", "clean_correct", "poisoned_images", "attack_successes")
+        key: getattr(results, key) for key in ("clean_images", "clean_correct", "poisoned_images", "attack_successes")
     }
 
 
@@ -69,7 +69,7 @@ def test_goodnet_rates_follow_the_rule(nets, always_7, clean_and_poisoned):
         with torch.no_grad():
             on_clean, on_poisoned = repaired(clean).argmax(1), repaired(poisoned).argmax(1)
         goodnet_clean, goodnet_poisoned = torch.tensor(rule(bd, repaired, clean)), torch.tensor(rule(bd, repaired, poisoned))
-        assert row == {
+        assert row.to_json() == {
             "clean_accuracy": percent(int((on_clean == labels).sum()), 13),
             "attack_success_rate": percent(int((on_poisoned == targets).sum()), 7),
             "goodnet_clean_accuracy": percent(int((goodnet_clean == labels).sum()), 13),
@@ -77,7 +77,7 @@ def test_goodnet_rates_follow_the_rule(nets, always_7, clean_and_poisoned):
             "detection_rate": percent(int((goodnet_poisoned == N).sum()), 7),
             "false_alarm_rate": percent(int((goodnet_clean == N).sum()), 13),
         }
-    assert 0 < rows[0]["false_alarm_rate"] < 100 and rows[1]["detection_rate"] == 100
+    assert 0 < rows[0].false_alarm_rate < 100 and rows[1].detection_rate == 100
 
 
 @pytest.mark.slow
