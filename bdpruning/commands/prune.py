@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import add_tf32_argument
+from .options import add_model_arguments, add_tf32_argument, model_options
 
 __all__ = ["add_arguments", "run"]
 
@@ -53,6 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed for torch (the sweep itself is deterministic)")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--allow-chance-baseline", action="store_true",
+                        help="run even when the model is at chance level on the clean data (an untrained model on "
+                             "purpose); by default that stops the run: the model and the data do not fit")
+    add_model_arguments(parser)
     add_tf32_argument(parser)
     add_criterion_arguments(parser)
 
@@ -135,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         force=args.force, progress=not args.no_progress, tf32=args.tf32,
         trainer_options=dict(accelerator=args.accelerator, devices=args.devices, strategy=args.strategy),
         max_accuracy_drop=None if args.criterion == "activation" else args.max_accuracy_drop,
+        model_options=model_options(args), allow_chance=args.allow_chance_baseline,
     )
     if summary is None:  # an extra process of a ddp launch: the first one writes and reports
         return 0

@@ -28,4 +28,5 @@ def check_not_chance(correct: int, images: int, num_classes: int, where: str = "
         raise BdpruningError(
             f"{where}: clean accuracy {100 * correct / images:.2f} % ({correct} of {images}) is chance level for "
             f"{num_classes} classes; the model and the data do not fit: check the input scale (0..255 vs 0..1, "
-            "--input-range), the channel order (RGB vs BGR, NCHW) and the labels")
+            "--input-range), the channel order (RGB vs BGR, NCHW) and the labels (an untrained model on purpose: "
+            "--allow-chance-baseline)")

@@ -24,6 +24,7 @@ from torch import nn
 from ..criteria.base import Criterion
 from ..data.hdf5 import H5ImageSet, read_h5_dataset
 from ..models import model_info
+from ..evaluation.chance import check_not_chance
 from ..models.loading import load_model
 from ..runtime.atomic import atomic_dir, prepare_out_dir
 from ..sweep.lab import SweepResult, run_sweep
@@ -38,9 +39,11 @@ log = logging.getLogger(__name__)
 
 
 def load_inputs(model_path: str | os.PathLike[str], clean_valid: str | os.PathLike[str],
-                poisoned_valid: str | os.PathLike[str] | None, device: str) -> tuple[nn.Module, H5ImageSet, H5ImageSet | None]:
-    """The model and the validation sets, checked against its classes and input shape."""
-    model = load_model(model_path, device=device)
+                poisoned_valid: str | os.PathLike[str] | None, device: str,
+                model_options: dict | None = None) -> tuple[nn.Module, H5ImageSet, H5ImageSet | None]:
+    """The model (``model_options``: :func:`~bdpruning.models.loading.load_model`'s ``outputs`` and
+    ``input_range``) and the validation sets, checked against its classes and input shape."""
+    model = load_model(model_path, device=device, **(model_options or {}))
     info = model_info(model)
     clean = read_h5_dataset(clean_valid, info.num_classes, info.input_shape)
     poisoned = read_h5_dataset(poisoned_valid, info.num_classes, info.input_shape) if poisoned_valid else None
@@ -65,6 +68,8 @@ def prune_stage(
     tf32: bool = False,
     trainer_options: dict | None = None,
     max_accuracy_drop: float | None = None,
+    model_options: dict | None = None,
+    allow_chance: bool = False,
 ) -> PruneSummary | None:
     """Prune with ``criterion`` (None: the lab's, ``rank_layer``'s mean activation ranking
     ``layer``'s channels) and write everything to ``out`` atomically; return the summary.
@@ -76,10 +81,14 @@ def prune_stage(
     (``devices`` > 1, ``strategy="ddp"``...) ranking and sweep run data-parallel under Lightning
     with the same result (:func:`bdpruning.lightning_modules.sweep.distributed_sweep`). Returns
     None in the extra processes of a ``ddp`` launch. ``max_accuracy_drop`` (points) caps a
-    criterion's choice (:mod:`bdpruning.sweep.budget`); the summary shows both."""
+    criterion's choice (:mod:`bdpruning.sweep.budget`); the summary shows both. A baseline at
+    chance level (the model and the data do not fit) stops the run before anything is written
+    (:func:`~bdpruning.evaluation.chance.check_not_chance`) unless ``allow_chance`` (an untrained
+    model on purpose: a timing run, a test of the mechanics)."""
     out = prepare_out_dir(out, force)
     distributed = criterion is None and bool(trainer_options) and trainer_options.get("devices", 1) > 1
-    model, clean, poisoned = load_inputs(model_path, clean_valid, poisoned_valid, "cpu" if distributed else device)
+    model, clean, poisoned = load_inputs(model_path, clean_valid, poisoned_valid, "cpu" if distributed else device,
+                                         model_options)
     sweep = dict(full_sweep=full_sweep, batch_size=batch_size, tf32=tf32)
     if criterion is not None:
         result = sweep_criterion(model, criterion, clean, poisoned, thresholds=thresholds or (), progress=progress,
@@ -94,6 +103,9 @@ def prune_stage(
                            thresholds=thresholds or (2.0, 4.0, 10.0), progress=progress, **sweep)
     if result is None:  # an extra ddp process: the first one writes
         return None
+    if not allow_chance:
+        check_not_chance(round(result.all_steps[0].clean_accuracy * len(clean) / 100), len(clean),
+                         model_info(model).num_classes, where=f"{model_path} on {clean_valid}")
     inputs = RunInputs(str(model_path), str(clean_valid), None if poisoned_valid is None else str(poisoned_valid),
                        str(next(model.parameters()).device))
     return _save(result, model, out, inputs, force)

@@ -312,3 +312,23 @@ def test_masks_that_keep_their_shift_survive_a_reload_without_the_class(adopted,
         expected, actual = adopted(images), graph(images)
     assert (actual - expected).abs().max() <= 1e-4 * expected.abs().max()
     assert masked_channels(load_model(directory, "cpu", into=TinyResNet())) == {LAYER: [2, 6]}
+
+
+def test_cli_prune_refuses_data_that_does_not_fit_the_model_in_one_line(badnet, tmp_path, capsys):
+    """Labels from another numbering give a baseline at chance level, which stops the run; the
+    issue's 0..255 files given to a [0, 1] model are refused before the sweep once the range is
+    said (an ONNX file does not hold it)."""
+    path = tmp_path / "badnet.onnx"
+    path.write_bytes(_export(badnet, 17, False))
+    images, labels = quadrants(200, 2)
+    shifted = write_h5(tmp_path / "shifted.h5", images, (labels + 1) % 4)
+    raw = write_h5(tmp_path / "raw.h5", (images * 255).round(), labels)
+    run = ["prune", "--model", str(path), "--layer", "conv1/Conv", "--rank-layer", "Relu", "--out",
+           str(tmp_path / "out"), "--device", "cpu", "--no-progress"]
+    assert main([*run, "--clean-valid", str(shifted)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "chance level" in err and "input scale" in err and "labels" in err
+    assert main([*run, "--clean-valid", str(raw), "--input-range", "0..1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the model takes 0..1: divide the images by 255" in err
+    assert not (tmp_path / "out").exists()
