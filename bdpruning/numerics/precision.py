@@ -28,7 +28,8 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 
-__all__ = ["precision_context", "precision_record", "runs_in_precision_context", "has_fp32_precision_api"]
+__all__ = ["PrecisionRecord", "precision_context", "precision_record", "runs_in_precision_context",
+           "has_fp32_precision_api"]
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -145,27 +146,53 @@ def _effective(value: str) -> str:
     return "ieee" if value == "none" else value  # "none" everywhere up the tree: torch's default, IEEE
 
 
-def precision_record(tf32: bool | None = None) -> dict:
-    """The float32 precision in force, JSON-ready: ``tf32`` (whether CUDA may use TF32) and the
-    setting of each operation (``ieee``, ``tf32``, ``bf16``), plus the torch version.
+@dataclass(frozen=True)
+class PrecisionRecord:
+    """The float32 precision in force: whether CUDA may use TF32, the setting of each operation
+    (``ieee``, ``tf32``, ``bf16``; torch < 2.9: its legacy flags), which API set them, and the
+    torch version. :meth:`to_json` is the ``precision`` entry of bdpruning's results files."""
 
-    With ``tf32`` given: the precision that ``precision_context(tf32)`` puts in force.
-    """
+    tf32: bool
+    operations: tuple[tuple[str, str], ...]  #: (operation, setting), in torch's order
+    api: str  #: ``fp32_precision`` (torch >= 2.9) or ``legacy``
+    torch: str
+
+    @classmethod
+    def current(cls, tf32: bool | None = None) -> PrecisionRecord:
+        """The settings in force now; with ``tf32`` given, those ``precision_context(tf32)`` puts in force."""
+        if tf32 is not None:
+            with precision_context(tf32) as record:
+                return cls.from_json(record)
+        operations = {name: target.fp32_precision for name, target in _objects().items()}
+        if operations:
+            settings = {name: _effective(value) for name, value in operations.items()}
+            api = "fp32_precision"
+        else:
+            cudnn = "tf32" if _legacy(lambda: torch.backends.cudnn.allow_tf32) else "ieee"
+            matmul = _legacy(torch.get_float32_matmul_precision)
+            settings = {"cudnn_conv": cudnn, "cudnn_rnn": cudnn, "cuda_matmul": "ieee" if matmul == "highest" else "tf32",
+                        "float32_matmul_precision": matmul}
+            api = "legacy"
+        return cls(any(settings[name] == "tf32" for name in _CUDA_OPERATIONS), tuple(settings.items()), api,
+                   torch.__version__)
+
+    @classmethod
+    def from_json(cls, record: dict) -> PrecisionRecord:
+        """The record :meth:`to_json` wrote."""
+        operations = tuple((k, v) for k, v in record.items() if k not in ("tf32", "api", "torch"))
+        return cls(record["tf32"], operations, record["api"], record["torch"])
+
+    def to_json(self) -> dict:
+        """``{"tf32": ..., <operation>: <setting>, ..., "api": ..., "torch": ...}``."""
+        return {"tf32": self.tf32, **dict(self.operations), "api": self.api, "torch": self.torch}
+
+
+def precision_record(tf32: bool | None = None) -> dict:
+    """:meth:`PrecisionRecord.current` as JSON-ready data (see :meth:`PrecisionRecord.to_json`)."""
     if tf32 is not None:
         with precision_context(tf32) as record:
             return record
-    operations = {name: target.fp32_precision for name, target in _objects().items()}
-    if operations:
-        record = {name: _effective(value) for name, value in operations.items()}
-        api = "fp32_precision"
-    else:
-        cudnn = "tf32" if _legacy(lambda: torch.backends.cudnn.allow_tf32) else "ieee"
-        matmul = _legacy(torch.get_float32_matmul_precision)
-        record = {"cudnn_conv": cudnn, "cudnn_rnn": cudnn, "cuda_matmul": "ieee" if matmul == "highest" else "tf32",
-                  "float32_matmul_precision": matmul}
-        api = "legacy"
-    return {"tf32": any(record[name] == "tf32" for name in _CUDA_OPERATIONS), **record, "api": api,
-            "torch": torch.__version__}
+    return PrecisionRecord.current().to_json()
 
 
 def runs_in_precision_context(function: F) -> F:
