@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from bdpruning.criteria.activation import ActivationMeans, MeanActivation, StopForward
-from bdpruning.data.forms import DataLike, as_image_data, model_expectations
+from bdpruning.data.forms import DataLike, as_image_data
+from bdpruning.models import model_expectations
 from bdpruning.errors import BdpruningError
 from bdpruning.graph.fused import inference_module
 from bdpruning.graph.layers import find_layer

@@ -16,12 +16,12 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..data.forms import DataLike, as_image_data, model_expectations
+from ..data.forms import DataLike, as_image_data
 from ..graph.fused import inference_module
 from ..data.feed import model_batches
 from .metrics import EVALUATION_COUNTS, GOODNET_COUNTS, EvaluationResult, GoodNetResult, evaluation_outcomes, \
     goodnet_outcomes
-from ..models import model_info
+from ..models import model_expectations, model_info
 from ..numerics.precision import precision_context
 
 __all__ = ["count_evaluation", "count_goodnets"]
