@@ -29,6 +29,7 @@ from bdpruning.models.outputs import check_output_contract
 from bdpruning.pruning.masks import refresh_masked_weights
 from bdpruning.evaluation.metrics import EVALUATION_COUNTS
 from bdpruning.numerics.precision import precision_record
+from bdpruning.runtime.trainer_options import TrainerOptions
 
 from .data import DataLike, H5DataModule
 from .evaluation import EvaluationModule, make_trainer
@@ -168,8 +169,7 @@ def finetune_model(
         return None
     refresh_masked_weights(model.cpu())
     settings = {"epochs": epochs, "optimizer": optimizer, "lr": lr, "batch_size": batch_size, "seed": seed,
-                "layer": layer, "accelerator": trainer_options.get("accelerator", "auto"),
-                "devices": trainer_options.get("devices", 1), "strategy": trainer_options.get("strategy", "auto"),
+                "layer": layer, **_where_trained(trainer_options),
                 "precision": {"training": module.training_precision or precision_record(),
                               "evaluation": precision_record(tf32)}}
     sets = {"train": data_name(clean_train),
@@ -177,3 +177,9 @@ def finetune_model(
             "poisoned_eval": None if poisoned_eval is None else data_name(poisoned_eval)}
     history = history_rows(module.history_counts.cpu(), module.history_loss.cpu())
     return FinetuneResult(model.eval(), pruned, history, settings, sets, seconds)
+
+
+def _where_trained(trainer_options: dict) -> dict:
+    """The record of :class:`~bdpruning.runtime.trainer_options.TrainerOptions` from ``make_trainer``'s arguments."""
+    where = ("accelerator", "devices", "strategy")
+    return TrainerOptions.of({key: trainer_options[key] for key in where if key in trainer_options}).to_json()

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from bdpruning.data.forms import DataLike, as_image_data, model_expectations
 from bdpruning.errors import BdpruningError
 
-__all__ = ["CleanTrainingData", "MaskStepModule", "ProgressBar", "TensorBatches", "clean_training_data", "lightning_settings",
+__all__ = ["CleanTrainingData", "MaskStepModule", "ProgressBar", "TensorBatches", "clean_training_data",
            "quiet_lightning"]
 
 #: One training step of a criterion: ``step(model, masks, images, labels, optimizers, backward, generator)``.
@@ -98,12 +98,6 @@ class CleanTrainingData(pl.LightningDataModule):
         sampler = DistributedSampler(self.train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed)
         return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler,
                           collate_fn=TensorBatches.collate_fn)
-
-
-def lightning_settings(trainer_options: dict) -> dict:
-    """Where the training ran, for the criterion's record."""
-    return {"accelerator": trainer_options.get("accelerator", "auto"), "devices": trainer_options.get("devices", 1),
-            "strategy": trainer_options.get("strategy", "auto")}
 
 
 @contextlib.contextmanager

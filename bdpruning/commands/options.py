@@ -9,8 +9,10 @@ import logging
 import sys
 import warnings
 
+from ..runtime.trainer_options import TrainerOptions
+
 __all__ = ["add_lightning_arguments", "add_model_arguments", "add_tf32_argument", "lightning_options", "model_options",
-           "one_device"]
+           "one_device", "trainer_options"]
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,8 +56,13 @@ def lightning_options(args: argparse.Namespace) -> dict:
         for name in ("pytorch_lightning", "lightning_fabric"):
             logging.getLogger(name).setLevel(logging.WARNING)
         warnings.filterwarnings("ignore", module="pytorch_lightning")
-    return dict(accelerator=args.accelerator, devices=args.devices, strategy=args.strategy,
-                batch_size=args.batch_size, num_workers=args.workers, progress=sys.stdout.isatty(), tf32=args.tf32)
+    return dict(**trainer_options(args).trainer_kwargs(), batch_size=args.batch_size, num_workers=args.workers,
+                progress=sys.stdout.isatty(), tf32=args.tf32)
+
+
+def trainer_options(args: argparse.Namespace, **more) -> TrainerOptions:
+    """The :class:`TrainerOptions` of ``--accelerator``, ``--devices`` and ``--strategy``, with ``more``."""
+    return TrainerOptions(accelerator=args.accelerator, devices=args.devices, strategy=args.strategy, **more)
 
 
 def one_device(args: argparse.Namespace) -> str | None:

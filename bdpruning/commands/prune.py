@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import add_model_arguments, add_tf32_argument, model_options
+from .options import add_model_arguments, add_tf32_argument, model_options, trainer_options
 
 __all__ = ["add_arguments", "run"]
 
@@ -113,8 +113,7 @@ def make_criterion(args: argparse.Namespace):
     if args.criterion == "clp":
         return CLP(u=args.u, layers=args.layers, convs_without_batchnorm=args.clp_all_convs)
     # Lightning's banners, tips and warnings only with -v; one progress bar per stage
-    options = dict(accelerator=args.accelerator, devices=args.devices, strategy=args.strategy,
-                   progress=sys.stderr.isatty() and not args.no_progress, verbose=bool(args.verbose))
+    options = trainer_options(args, progress=sys.stderr.isatty() and not args.no_progress, verbose=bool(args.verbose))
     shared = dict(images=args.images, threshold=args.mask_threshold, count=args.prune_count,
                   batch_size=args.train_batch_size, seed=args.seed, layers=args.layers, trainer_options=options,
                   keep_shift=not args.zero_shift)
@@ -137,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
         poisoned_valid=args.poisoned_valid, thresholds=args.thresholds, layer=args.layer,
         rank_layer=args.rank_layer, full_sweep=args.full_sweep, device=args.device, batch_size=args.batch_size,
         force=args.force, progress=not args.no_progress, tf32=args.tf32,
-        trainer_options=dict(accelerator=args.accelerator, devices=args.devices, strategy=args.strategy),
+        trainer_options=trainer_options(args),
         max_accuracy_drop=None if args.criterion == "activation" else args.max_accuracy_drop,
         model_options=model_options(args), allow_chance=args.allow_chance_baseline,
     )

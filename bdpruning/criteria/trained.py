@@ -14,6 +14,7 @@ from torch import nn
 
 from ..data.forms import DataLike, data_name
 from ..errors import BdpruningError
+from ..runtime.trainer_options import TrainerOptions
 from .base import ChannelScores, conv_layers
 from .channel_masks import check_mask_choice, mask_scores
 
@@ -24,9 +25,8 @@ __all__ = ["TrainedCriterion"]
 class TrainedCriterion:
     """Shared settings: ``images`` clean images drawn with ``seed`` (all when None), batches of
     ``batch_size``; prune masks below ``threshold`` (or the ``count`` lowest) of ``layers``
-    (default: every conv); ``trainer_options`` (accelerator, devices, strategy) go to
-    :func:`~bdpruning.lightning_modules.evaluation.make_trainer`; ``progress`` in them shows a
-    bar per stage (default: when stderr is a terminal), ``verbose`` Lightning's own messages.
+    (default: every conv); ``trainer_options`` (a :class:`~bdpruning.runtime.trainer_options.TrainerOptions`
+    or a dict of its fields: accelerator, devices, strategy, progress, verbose) say where Lightning trains.
 
     ``keep_shift`` (default, the authors'): a pruned channel's scale is zeroed and its shift
     kept, where the masks were learned: the BatchNorm's beta after a conv, else the conv's
@@ -39,7 +39,7 @@ class TrainedCriterion:
     batch_size: int = 128
     seed: int = 0
     layers: Sequence[str] | None = None
-    trainer_options: dict = field(default_factory=dict)
+    trainer_options: TrainerOptions | dict = field(default_factory=TrainerOptions)
     keep_shift: bool = True
     name: str = "trained"
 
@@ -63,9 +63,10 @@ class TrainedCriterion:
     def _data_device(self) -> str | None:
         """Where the training images can wait for the whole run: the one GPU Lightning will use
         (None: the host; Lightning moves each batch)."""
-        accelerator = self.trainer_options.get("accelerator", "auto")
-        if self.trainer_options.get("devices", 1) != 1 or self.trainer_options.get("strategy", "auto") != "auto":
+        options = TrainerOptions.of(self.trainer_options)
+        if not options.one_process:
             return None
+        accelerator = options.accelerator
         gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
         return "cuda" if gpu else None
 
@@ -75,12 +76,11 @@ class TrainedCriterion:
         from ..lightning_modules.evaluation import make_trainer
         from ..lightning_modules.mask_learning import ProgressBar, quiet_lightning
 
-        options = dict(self.trainer_options)
-        progress = options.pop("progress", None)
-        progress = sys.stderr.isatty() if progress is None else progress
-        with quiet_lightning(options.pop("verbose", False)):
-            trainer = make_trainer(**options, callbacks=[ProgressBar(total, description, unit, per, progress)],
-                                   **trainer_args)
+        options = TrainerOptions.of(self.trainer_options)
+        progress = sys.stderr.isatty() if options.progress is None else options.progress
+        with quiet_lightning(options.verbose):
+            trainer = make_trainer(**options.trainer_kwargs(),
+                                   callbacks=[ProgressBar(total, description, unit, per, progress)], **trainer_args)
             data.check_processes(trainer.world_size)
             trainer.fit(module, datamodule=data)
         return trainer.is_global_zero
@@ -88,10 +88,8 @@ class TrainedCriterion:
     def scores(self, values: dict[str, torch.Tensor], settings: dict, clean: DataLike, data,
                seconds: float) -> ChannelScores:
         """The learned masks as :class:`ChannelScores`, with the full record of the run."""
-        from ..lightning_modules.mask_learning import lightning_settings
-
         record = {**settings, **self.shared_settings(), "data": data_name(clean),
-                  "training_images": len(data.train_set), **lightning_settings(self.trainer_options)}
+                  "training_images": len(data.train_set), **TrainerOptions.of(self.trainer_options).to_json()}
         scores = mask_scores(self.name, values, self.threshold, self.count, record, seconds,
                              keep_shift=self.keep_shift)
         scores.trained_on = data.indices

@@ -27,6 +27,7 @@ from ..models import model_info
 from ..evaluation.chance import check_not_chance
 from ..models.loading import load_model
 from ..runtime.atomic import atomic_dir, prepare_out_dir
+from ..runtime.trainer_options import TrainerOptions
 from ..sweep.lab import SweepResult, run_sweep
 from ..sweep.loop import sweep_criterion
 from ..sweep.result import DefenseResult
@@ -66,7 +67,7 @@ def prune_stage(
     force: bool = False,
     progress: bool = True,
     tf32: bool = False,
-    trainer_options: dict | None = None,
+    trainer_options: TrainerOptions | dict | None = None,
     max_accuracy_drop: float | None = None,
     model_options: dict | None = None,
     allow_chance: bool = False,
@@ -86,7 +87,8 @@ def prune_stage(
     (:func:`~bdpruning.evaluation.chance.check_not_chance`) unless ``allow_chance`` (an untrained
     model on purpose: a timing run, a test of the mechanics)."""
     out = prepare_out_dir(out, force)
-    distributed = criterion is None and bool(trainer_options) and trainer_options.get("devices", 1) > 1
+    trainer_options = TrainerOptions.of(trainer_options)
+    distributed = criterion is None and trainer_options.devices > 1
     model, clean, poisoned = load_inputs(model_path, clean_valid, poisoned_valid, "cpu" if distributed else device,
                                          model_options)
     sweep = dict(full_sweep=full_sweep, batch_size=batch_size, tf32=tf32)
@@ -97,7 +99,8 @@ def prune_stage(
         from ..lightning_modules.sweep import distributed_sweep
 
         result = distributed_sweep(model, clean, poisoned, layer=layer, rank_layer=rank_layer,
-                                   thresholds=thresholds or (2.0, 4.0, 10.0), **sweep, **trainer_options)
+                                   thresholds=thresholds or (2.0, 4.0, 10.0), **sweep,
+                                   **trainer_options.trainer_kwargs())
     else:
         result = run_sweep(model, clean, poisoned, layer=layer, rank_layer=rank_layer,
                            thresholds=thresholds or (2.0, 4.0, 10.0), progress=progress, **sweep)
