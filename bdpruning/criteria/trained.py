@@ -47,6 +47,11 @@ class TrainedCriterion:
         return {"images": self.images, "threshold": self.threshold, "count": self.count,
                 "batch_size": self.batch_size, "seed": self.seed, "mode": "train", "keep_shift": self.keep_shift}
 
+    def validate(self) -> None:
+        """Refuse settings that cannot run (before any data is read)."""
+        getattr(self, "check", lambda: None)()
+        check_mask_choice(self.threshold, self.count)
+
     def training_data(self, model: nn.Module, clean: DataLike | None):
         """Check the shared settings and seed torch; the DataModule of the clean images to learn on."""
         from ..lightning_modules.mask_learning import clean_training_data

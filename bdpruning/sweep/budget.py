@@ -25,7 +25,7 @@ from ..criteria.base import ChannelScores
 from ..data.forms import ImageData, as_image_data
 from ..errors import BdpruningError
 
-__all__ = ["DEFAULT_MAX_DROP", "apply_budget", "held_out_split", "within_budget"]
+__all__ = ["DEFAULT_MAX_DROP", "apply_budget", "check_held_out", "held_out_split", "within_budget"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,19 @@ def held_out_split(clean: ImageData, scores: ChannelScores) -> ImageData:
         raise BdpruningError(f"{scores.criterion} learned from all {len(clean)} clean images: the budget needs "
                              "clean images it did not see (learn on fewer, e.g. --images 500)")
     return as_image_data(Subset(clean.as_dataset(), held))
+
+
+def check_held_out(criterion: object, clean: ImageData) -> None:
+    """Before a learned criterion trains: refuse a run that would leave no clean image unseen
+    for the budget (its ``images`` is None or at least the clean set's size)."""
+    if not hasattr(criterion, "images"):
+        return
+    criterion.validate()  # a bad setting is named first
+    images = getattr(criterion, "images")
+    if images is None or images >= len(clean):
+        raise BdpruningError(f"{getattr(criterion, 'name', 'the criterion')} would learn from all {len(clean)} "
+                             "clean images, leaving none to judge the accuracy budget on: learn on fewer "
+                             f"(--images, e.g. {max(1, len(clean) * 3 // 5)}) or give no budget")
 
 
 def within_budget(correct: list[int], total: int, max_drop: float) -> int:

@@ -35,7 +35,7 @@ from ..criteria.base import ChannelScores, Criterion
 from ..data.forms import DataLike, ImageData, as_image_data, model_expectations
 from ..errors import BdpruningError
 from ..numerics.precision import runs_in_precision_context
-from .budget import apply_budget
+from .budget import apply_budget, check_held_out
 from .masked import MaskedEngine
 from .result import DefenseResult, check_thresholds, find_thresholds, last_step, sweep_outcome
 from .split_engine import SplitEngine
@@ -162,6 +162,8 @@ def sweep_criterion(
     check_thresholds(thresholds, required=False)
     clean, poisoned = _adapted(model, clean, poisoned)
     model.eval()
+    if max_accuracy_drop is not None:
+        check_held_out(criterion, clean)
     scores, engine = _score(model, criterion, clean, batch_size, cache_bytes, progress, tf32)
     if scores is None:
         return None

@@ -105,7 +105,8 @@ def deepid_files(tmp_path):
 def test_cli_runs_a_criterion_and_saves_its_repaired_model(deepid_files, tmp_path, capsys):
     model, clean, poisoned = deepid_files
     out = tmp_path / "clp"
-    code, stdout, _ = bdprune(capsys, "prune", "--allow-chance-baseline", "--criterion", "clp", "--u", "1", "--model", model,
+    code, stdout, _ = bdprune(capsys, "prune", "--allow-chance-baseline", "--criterion", "clp", "--u", "1", "--clp-all-convs",
+                              "--model", model,
                               "--clean-valid", clean, "--poisoned-valid", poisoned, "--out", out, "--no-progress")
     assert code == 0 and "its choice" in stdout
     summary = json.loads((out / "summary.json").read_text())
@@ -145,7 +146,7 @@ def test_a_deepid_from_keras_gets_its_repaired_model_as_keras_h5_too(bd_weights,
     data = rng.integers(0, 256, (8, 3, 55, 47)).astype(np.uint8)
     clean = write_h5_set(tmp_path / "clean.h5", data, rng.integers(0, 1283, 8))
     out = tmp_path / "clp"
-    code, _, _ = bdprune(capsys, "prune", "--allow-chance-baseline", "--criterion", "clp", "--u", "2", "--model", bd_weights, "--clean-valid",
+    code, _, _ = bdprune(capsys, "prune", "--allow-chance-baseline", "--criterion", "clp", "--u", "2", "--clp-all-convs", "--model", bd_weights, "--clean-valid",
                          clean, "--out", out, "--no-progress", "--device", "cpu")
     assert code == 0
     chosen = json.loads((out / "summary.json").read_text())["chosen"]
