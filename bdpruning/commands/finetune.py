@@ -47,12 +47,12 @@ def _cell(value: float | None, suffix: str = " %") -> str:
 def _print_table(result) -> None:
     print(f"{'':<8} {'clean accuracy':>15} {'ASR':>10} {'train loss':>11}")
     for row in result.history:
-        name = "before" if row["epoch"] == 0 else f"epoch {row['epoch']}"
-        loss = "-" if row["train_loss"] is None else f"{row['train_loss']:.4f}"
-        print(f"{name:<8} {_cell(row['clean_accuracy']):>15} {_cell(row['attack_success_rate']):>10} {loss:>11}")
+        name = "before" if row.epoch == 0 else f"epoch {row.epoch}"
+        loss = "-" if row.train_loss is None else f"{row.train_loss:.4f}"
+        print(f"{name:<8} {_cell(row.clean_accuracy):>15} {_cell(row.attack_success_rate):>10} {loss:>11}")
     before, after = result.before, result.after
-    print(f"clean accuracy {_cell(before['clean_accuracy'])} -> {_cell(after['clean_accuracy'])}, "
-          f"ASR {_cell(before['attack_success_rate'])} -> {_cell(after['attack_success_rate'])} "
+    print(f"clean accuracy {_cell(before.clean_accuracy)} -> {_cell(after.clean_accuracy)}, "
+          f"ASR {_cell(before.attack_success_rate)} -> {_cell(after.attack_success_rate)} "
           f"(on {result.sets['clean_eval']}"
           + (f" and {result.sets['poisoned_eval']})" if result.sets["poisoned_eval"] else ")"))
 

@@ -94,19 +94,22 @@ class EvaluationResult:
     def attack_success_rate(self) -> float | None:
         return percent(self.attack_successes or 0, self.poisoned_images or 0)
 
+    def counts(self) -> dict[str, int]:
+        """The counts that were taken, by name."""
+        return {name: value for name, value in asdict(self).items() if value is not None}
+
+    def rates(self) -> dict[str, float | None]:
+        """Clean accuracy and ASR by name."""
+        return {"clean_accuracy": self.clean_accuracy, "attack_success_rate": self.attack_success_rate}
+
     def to_json(self) -> dict[str, int | float | None]:
         """The counts that were taken, then the two rates."""
-        counts = {name: value for name, value in asdict(self).items() if value is not None}
-        return {**counts, **evaluation_rates(counts)}
+        return {**self.counts(), **self.rates()}
 
 
 def evaluation_rates(counts: dict[str, int]) -> dict[str, float | None]:
     """Clean accuracy and attack success rate (ASR), in percent."""
-    clean, poisoned = counts.get("clean_images", 0), counts.get("poisoned_images", 0)
-    return {
-        "clean_accuracy": percent(counts.get("clean_correct", 0), clean),
-        "attack_success_rate": percent(counts.get("attack_successes", 0), poisoned),
-    }
+    return EvaluationResult.of(counts).rates()
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import BdpruningError
 from .masks import masked_channels, prune_channels, pruned_layers
-from ..evaluation.metrics import EVALUATION_COUNTS, evaluation_rates
+from ..evaluation.metrics import EVALUATION_COUNTS, EvaluationResult
 from ..models import model_info
 from ..models.outputs import logits_model
 
@@ -37,6 +37,7 @@ __all__ = [
     "make_optimizer",
     "check_finetune_settings",
     "keep_pruned_at_zero",
+    "EpochRecord",
     "history_rows",
     "HISTORY_COLUMNS",
 ]
@@ -132,18 +133,42 @@ def keep_pruned_at_zero(model: nn.Module, layer: str | None = None) -> dict[str,
     return pruned
 
 
-def history_rows(counts: torch.Tensor, train_loss: torch.Tensor) -> list[dict]:
+@dataclass(frozen=True)
+class EpochRecord:
+    """One row of a fine-tuning history: the epoch (0: before fine-tuning), its mean train loss
+    (None before), and the evaluation after it."""
+
+    epoch: int
+    train_loss: float | None
+    evaluation: EvaluationResult
+
+    @property
+    def clean_accuracy(self) -> float | None:
+        return self.evaluation.clean_accuracy
+
+    @property
+    def attack_success_rate(self) -> float | None:
+        return self.evaluation.attack_success_rate
+
+    def to_json(self) -> dict:
+        """A row of ``finetune.json`` and ``finetune.csv`` (:data:`HISTORY_COLUMNS`)."""
+        return {"epoch": self.epoch, "train_loss": self.train_loss, **self.evaluation.rates(),
+                **self.evaluation.counts()}
+
+    def __getitem__(self, key: str):
+        """The JSON row's ``key`` (``row["clean_accuracy"]``): history rows were dicts; kept for one release."""
+        return self.to_json()[key]
+
+
+def history_rows(counts: torch.Tensor, train_loss: torch.Tensor) -> list[EpochRecord]:
     """One row per epoch (0 = before fine-tuning) from the per-epoch counts and mean train loss.
 
     ``counts`` is (epochs + 1, len(EVALUATION_COUNTS)) in that order; ``train_loss`` holds NaN
     for epoch 0. Rates are in percent, None where a set is absent.
     """
-    rows = []
-    for epoch, (row, loss) in enumerate(zip(counts.tolist(), train_loss.tolist())):
-        row_counts = dict(zip(EVALUATION_COUNTS, (int(v) for v in row)))
-        rows.append({"epoch": epoch, "train_loss": None if math.isnan(loss) else loss,
-                     **evaluation_rates(row_counts), **row_counts})
-    return rows
+    return [EpochRecord(epoch, None if math.isnan(loss) else loss,
+                        EvaluationResult.of(dict(zip(EVALUATION_COUNTS, (int(v) for v in row)))))
+            for epoch, (row, loss) in enumerate(zip(counts.tolist(), train_loss.tolist()))]
 
 
 @dataclass
@@ -152,23 +177,24 @@ class FinetuneResult:
 
     model: nn.Module
     pruned: dict[str, list[int]]
-    history: list[dict]  # see history_rows; history[0] is before fine-tuning
+    history: list[EpochRecord]  # history[0] is before fine-tuning
     settings: dict
     sets: dict[str, str | None]  # train, clean_eval, poisoned_eval
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
 
     @property
-    def before(self) -> dict:
+    def before(self) -> EpochRecord:
         return self.history[0]
 
     @property
-    def after(self) -> dict:
+    def after(self) -> EpochRecord:
         return self.history[-1]
 
     def summary(self) -> dict:
         """Everything but the model, as JSON-ready data (``finetune.json``)."""
         return {**self.extra, "settings": self.settings, "sets": self.sets, "pruned": self.pruned,
-                "seconds": self.seconds, "before": self.before, "after": self.after, "history": self.history}
+                "seconds": self.seconds, "before": self.before.to_json(), "after": self.after.to_json(),
+                "history": [row.to_json() for row in self.history]}
 
 

@@ -31,15 +31,11 @@ def save_finetune_run(result: FinetuneResult, out: str | os.PathLike[str], force
     out = prepare_out_dir(out, force)
     summary = result.summary()
     record = {key: summary[key] for key in (*result.extra, "settings", "sets")}
-    record.update(before=_rates(result.before), after=_rates(result.after))
+    record.update(before=result.before.evaluation.rates(), after=result.after.evaluation.rates())
     with atomic_dir(out) as directory:
         write_model_files(result.model, directory, extra={"finetuned": record})
         write_json(directory / "finetune.json", summary)
-        write_rows_csv(result.history, directory / "finetune.csv", list(HISTORY_COLUMNS))
-        plot_finetune(result.history, directory / "finetune.png")
+        write_rows_csv(summary["history"], directory / "finetune.csv", list(HISTORY_COLUMNS))
+        plot_finetune(summary["history"], directory / "finetune.png")
         write_keras_copy(result.model, directory / "model.h5")
     return out
-
-
-def _rates(row: dict) -> dict:
-    return {key: row[key] for key in ("clean_accuracy", "attack_success_rate")}

@@ -174,6 +174,6 @@ def test_fine_tuning_and_evaluation_take_tensors_and_datasets_like_h5_files(tmp_
                            "poisoned_eval": None}
     counts = evaluate_model(result.model, TensorDataset(torch.from_numpy(eval_x), torch.from_numpy(eval_y)),
                             batch_size=8, accelerator="cpu")  # the batches of the fine-tuning's evaluation
-    assert counts["clean_correct"] == result.after["clean_correct"] and counts["clean_images"] == 9
+    assert counts.clean_correct == result.after.evaluation.clean_correct and counts.clean_images == 9
     with pytest.raises(BdpruningError, match="pass the DataLoader's dataset instead"):
         finetune_model(small_deepid(), DataLoader(TensorDataset(*tensors), batch_size=8), 1, **options)

@@ -106,7 +106,7 @@ def test_cli_evaluate_under_ddp_equals_one_process(nets, clean_and_poisoned, tmp
     two = json.loads((tmp_path / "two.json").read_text())
     assert two.pop("precision")["tf32"] is False  # the JSON records the precision: fp32 by default
     one = evaluate_model(nets[0], *clean_and_poisoned)
-    assert two == {"model": str(BD_WEIGHTS), "clean": str(clean_and_poisoned[0]), "poisoned": str(clean_and_poisoned[1]), **one}
+    assert two == {"model": str(BD_WEIGHTS), "clean": str(clean_and_poisoned[0]), "poisoned": str(clean_and_poisoned[1]), **one.to_json()}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clean.h5", "poisoned.h5", "two.json"]
 
 

@@ -107,14 +107,15 @@ def test_finetuning_learns_and_keeps_pruned_channels_at_zero(quadrant_sets):
     assert_pruned_at_zero(model, SMALL_DEEPID_PRUNED, images_of(quadrant_sets.clean)[0])
     end = plain_state_dict(model)
     assert [name for name in start if torch.equal(start[name], end[name])] == []  # every tensor trained
-    assert [row["epoch"] for row in result.history] == [0, 1, 2]
-    assert result.history[0]["train_loss"] is None and all(row["train_loss"] > 0 for row in result.history[1:])
-    assert all(row["clean_images"] == 21 and row["poisoned_images"] == 13 for row in result.history)
+    assert [row.epoch for row in result.history] == [0, 1, 2]
+    assert result.history[0].train_loss is None and all(row.train_loss > 0 for row in result.history[1:])
+    assert all(row.evaluation.clean_images == 21 and row.evaluation.poisoned_images == 13 for row in result.history)
     # the history's counts are the model's hits before and after, counted here independently
     assert (result.before["clean_correct"], result.before["attack_successes"]) == before
     assert (result.after["clean_correct"], result.after["attack_successes"]) == (
         hits(model, quadrant_sets.clean), hits(model, quadrant_sets.poisoned))
-    assert result.after["clean_accuracy"] > result.before["clean_accuracy"] + 50
+    assert result.after.clean_accuracy > result.before.clean_accuracy + 50
+    assert result.after["clean_accuracy"] == result.after.clean_accuracy  # rows read as the dicts they were
     assert result.sets == {"train": str(quadrant_sets.train), "clean_eval": str(quadrant_sets.clean),
                            "poisoned_eval": str(quadrant_sets.poisoned)}
 
@@ -253,7 +254,7 @@ def test_ddp_with_two_processes_counts_like_one_and_keeps_channels_at_zero(quadr
     two = json.loads((tmp_path / "ddp" / "finetune.json").read_text())
     one = finetune_model(small_deepid(), quadrant_sets.train, 1, clean_eval=quadrant_sets.clean, poisoned_eval=quadrant_sets.poisoned,
                          batch_size=8, **CPU)
-    assert two["before"] == one.before  # the same counts, every one of them
+    assert two["before"] == one.before.to_json()  # the same counts, every one of them
     assert [row["epoch"] for row in two["history"]] == [0, 1, 2]
     assert all(row["clean_images"] == 21 and row["poisoned_images"] == 13 for row in two["history"])
     repaired = load_model(tmp_path / "ddp", device="cpu")
@@ -264,10 +265,10 @@ def test_ddp_with_two_processes_counts_like_one_and_keeps_channels_at_zero(quadr
     spawned = finetune_model(small_deepid(), quadrant_sets.train, 2, clean_eval=quadrant_sets.clean, poisoned_eval=quadrant_sets.poisoned,
                              batch_size=8, accelerator="cpu", devices=2, strategy="ddp_spawn")
     assert spawned.history[0] == one.before
-    assert [row["clean_images"] for row in spawned.history] == [21, 21, 21]
+    assert [row.evaluation.clean_images for row in spawned.history] == [21, 21, 21]
     assert_pruned_at_zero(spawned.model, SMALL_DEEPID_PRUNED, images_of(quadrant_sets.clean)[0])
     # the same processes, data order and seed as ddp: the same training
     ddp_state, spawn_state = plain_state_dict(repaired), plain_state_dict(spawned.model)
     for name in ddp_state:
         torch.testing.assert_close(spawn_state[name], ddp_state[name], rtol=1e-5, atol=1e-6)
-    assert [row["clean_correct"] for row in spawned.history] == [row["clean_correct"] for row in two["history"]]
+    assert [row.evaluation.clean_correct for row in spawned.history] == [row["clean_correct"] for row in two["history"]]
