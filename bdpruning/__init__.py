@@ -18,7 +18,7 @@ from .evaluation.goodnet import GoodNet
 from .graph.layers import find_layer, layer_names
 from .models.loading import load_model
 from .criteria.activation import rank_channels
-from .pruning.masks import plain_state_dict, prune_channels, pruned_channels
+from .pruning.masks import plain_state_dict, prune_channels, pruned_channels, zeroed_channels
 from .models.directory import save_model_dir
 from .models import DeepID, ModelInfo, adopt, model_info
 from .pruning.compaction import compact_model, model_cost
@@ -56,7 +56,8 @@ __all__ = [
     "plain_state_dict",
     "precision_context",
     "prune_channels",
-    "pruned_channels",
+    "zeroed_channels",
+    "pruned_channels",  # the old name of zeroed_channels, kept for one release
     "rank_channels",
     "read_h5_dataset",
     "run_sweep",

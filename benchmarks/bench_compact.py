@@ -24,7 +24,7 @@ import torch
 from bdpruning.pruning.compaction import compact_model, model_cost
 from bdpruning.convert import parity
 from bdpruning.models.loading import load_model
-from bdpruning.pruning.masks import prune_channels, pruned_layers
+from bdpruning.pruning.masks import prune_channels, pruned_selection
 from bdpruning.models.onnx_graph import export_onnx
 from bdpruning.models import model_info
 
@@ -34,7 +34,7 @@ DEFAULT_MODEL = ROOT.parent / "shared" / "models" / "lab3_pruned_2pct_full.h5"
 
 def _masked(path: str) -> torch.nn.Module:
     model = load_model(path, device="cpu")
-    for layer, channels in pruned_layers(model).items():
+    for layer, channels in pruned_selection(model).items():
         prune_channels(model, layer, channels)
     return model
 

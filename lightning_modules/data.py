@@ -26,7 +26,7 @@ from bdpruning.data.forms import DataLike, as_image_data, data_name
 from bdpruning.errors import BdpruningError
 from bdpruning.models import model_info
 
-__all__ = ["DataLike", "H5DataModule", "SET_NAMES", "ShardSampler"]
+__all__ = ["DataLike", "ImageDataModule", "H5DataModule", "SET_NAMES", "ShardSampler"]
 
 #: What ``dataloader_idx`` 0 and 1 of the evaluation loaders hold.
 SET_NAMES = ("clean", "poisoned")
@@ -47,7 +47,7 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-class H5DataModule(pl.LightningDataModule):
+class ImageDataModule(pl.LightningDataModule):
     """Clean and poisoned sets for ``trainer.validate`` (valid sets) and ``trainer.test``,
     and a clean training set for ``trainer.fit``, shuffled with ``seed``.
 
@@ -90,7 +90,7 @@ class H5DataModule(pl.LightningDataModule):
         self.seed = seed
 
     @classmethod
-    def for_model(cls, model: nn.Module, **sets_and_options) -> "H5DataModule":
+    def for_model(cls, model: nn.Module, **sets_and_options) -> "ImageDataModule":
         """The sets, checked against ``model``'s classes, input shape and input range (see
         :func:`bdpruning.model_info`)."""
         info = model_info(model)
@@ -137,3 +137,7 @@ class H5DataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> list[DataLoader]:
         return self._loaders(self.test_sets, "test")
+
+
+#: The old name of :class:`ImageDataModule` (it takes any data, not only HDF5), kept for one release.
+H5DataModule = ImageDataModule

@@ -1,7 +1,7 @@
 """Evaluating a model with Lightning: clean accuracy and attack success rate, exact under DDP.
 
 The module is thin: per batch it asks :mod:`bdpruning.evaluation.metrics` which counts each image adds
-to, and torchmetrics sums those counts across processes. With :class:`~.data.H5DataModule`
+to, and torchmetrics sums those counts across processes. With :class:`~.data.ImageDataModule`
 every image is seen once, so the counts equal a single process's, not approximately. Each
 evaluation step runs inside :func:`~bdpruning.numerics.precision.precision_context` (IEEE fp32 unless
 ``tf32``), in whichever process runs it, so every DDP process gets it::
@@ -25,7 +25,7 @@ from bdpruning.errors import BdpruningError
 from bdpruning.evaluation.metrics import EVALUATION_COUNTS, Count, EvaluationResult, evaluation_outcomes
 from bdpruning.numerics.precision import precision_context
 
-from .data import SET_NAMES, DataLike, H5DataModule
+from .data import SET_NAMES, DataLike, ImageDataModule
 
 __all__ = [
     "CountingModule", "EvaluationModule", "check_devices", "make_trainer", "run_evaluation", "evaluate_model",
@@ -100,7 +100,7 @@ def run_evaluation(
     main process reports. ``trainer_options`` go to :func:`make_trainer`.
     """
     trainer = make_trainer(**trainer_options)
-    if isinstance(datamodule, H5DataModule):
+    if isinstance(datamodule, ImageDataModule):
         datamodule.check_processes(trainer.world_size)  # here, not as a traceback from a spawned process
     run = {"test": trainer.test, "validate": trainer.validate}[stage]
     results = run(module, datamodule=datamodule, verbose=False)
@@ -124,7 +124,7 @@ def evaluate_model(
     The sets are checked against the model's classes and input shape. Returns None in the
     extra processes of the ``ddp`` launcher; ``trainer_options`` go to :func:`make_trainer`.
     """
-    data = H5DataModule.for_model(model, clean_test=clean, poisoned_test=poisoned, batch_size=batch_size,
+    data = ImageDataModule.for_model(model, clean_test=clean, poisoned_test=poisoned, batch_size=batch_size,
                                   num_workers=num_workers)
     counts = run_evaluation(EvaluationModule(model, tf32), data, **trainer_options)
     return None if counts is None else EvaluationResult.of(counts)

@@ -31,7 +31,7 @@ from bdpruning.evaluation.metrics import EVALUATION_COUNTS
 from bdpruning.numerics.precision import precision_record
 from bdpruning.runtime.trainer_options import TrainerOptions
 
-from .data import DataLike, H5DataModule
+from .data import DataLike, ImageDataModule
 from .evaluation import EvaluationModule, make_trainer
 
 __all__ = ["FinetuneModule", "finetune_model"]
@@ -135,7 +135,7 @@ def finetune_model(
 ) -> FinetuneResult | None:
     """Fine-tune the repaired ``model`` in place on ``clean_train``, its pruned channels held at zero.
 
-    Each set is an HDF5 path or another form with random access (see :class:`~.data.H5DataModule`).
+    Each set is an HDF5 path or another form with random access (see :class:`~.data.ImageDataModule`).
 
     Clean accuracy and ASR are measured on ``clean_eval`` (default: ``clean_train``) and
     ``poisoned_eval`` before training and after every epoch. A model keeps its pruning masks;
@@ -152,7 +152,7 @@ def finetune_model(
     """
     lr = check_finetune_settings(epochs, lr, batch_size, optimizer)
     clean_eval = clean_train if clean_eval is None else clean_eval
-    data = H5DataModule.for_model(model, clean_train=clean_train, clean_valid=clean_eval, poisoned_valid=poisoned_eval,
+    data = ImageDataModule.for_model(model, clean_train=clean_train, clean_valid=clean_eval, poisoned_valid=poisoned_eval,
                                   batch_size=batch_size, num_workers=num_workers, seed=seed)
     pruned = keep_pruned_at_zero(model, layer)
     refresh_masked_weights(model)  # a leaf without autograd history: ddp_spawn must pickle it

@@ -17,7 +17,7 @@ from bdpruning.errors import BdpruningError
 from bdpruning.evaluation.goodnet import GoodNet
 from bdpruning.evaluation.metrics import GOODNET_COUNTS, GoodNetResult, goodnet_outcomes
 
-from .data import DataLike, H5DataModule
+from .data import DataLike, ImageDataModule
 from .evaluation import CountingModule, run_evaluation
 
 __all__ = ["GoodNetModule", "goodnet_results", "evaluate_goodnets"]
@@ -67,7 +67,7 @@ def evaluate_goodnets(
     :func:`~.evaluation.make_trainer`.
     """
     module = GoodNetModule(bd, repaired, tf32)  # refuses B' that do not match B
-    data = H5DataModule.for_model(bd, clean_test=clean, poisoned_test=poisoned, batch_size=batch_size,
+    data = ImageDataModule.for_model(bd, clean_test=clean, poisoned_test=poisoned, batch_size=batch_size,
                                   num_workers=num_workers)
     counts = run_evaluation(module, data, **trainer_options)
     return None if counts is None else goodnet_results(counts, len(repaired))

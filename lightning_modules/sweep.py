@@ -1,6 +1,6 @@
 """The pruning sweep data-parallel under Lightning: ranking and per-step counts, exact under DDP.
 
-Two ``trainer.test`` passes over :class:`~.data.H5DataModule`, whose loaders give every
+Two ``trainer.test`` passes over :class:`~.data.ImageDataModule`, whose loaders give every
 process an unpadded shard (each image on exactly one process):
 
 1. :class:`RankingModule` adds the rank layer's outputs into exact per-channel sums
@@ -36,7 +36,7 @@ from bdpruning.numerics.precision import precision_context
 from bdpruning.sweep.lab import SweepResult, check_thresholds, sweep_result
 from bdpruning.sweep.split_engine import chunk_predictions, split_for
 
-from .data import SET_NAMES, H5DataModule
+from .data import SET_NAMES, ImageDataModule
 from .evaluation import make_trainer
 
 __all__ = ["RankingModule", "StepCountsModule", "distributed_sweep"]
@@ -131,14 +131,14 @@ def distributed_sweep(
     criterion = MeanActivation(layer, rank_layer, batch_size=batch_size, tf32=tf32)
     layer_name, rank_name = criterion.layers(model, as_image_data(clean, **expectations))
 
-    ranking_data = H5DataModule(clean_test=clean, batch_size=batch_size, **expectations)
+    ranking_data = ImageDataModule(clean_test=clean, batch_size=batch_size, **expectations)
     ranker = RankingModule(model, layer_name, rank_name, tf32)
     trainer = make_trainer(**trainer_options)
     ranking_data.check_processes(trainer.world_size)
     trainer.test(ranker, datamodule=ranking_data, verbose=False)
     scores = criterion.scores_from(ranker.means.ranking(rank_name), layer_name, clean, 0.0)
 
-    step_data = H5DataModule(clean_test=clean, poisoned_test=poisoned, batch_size=batch_size, **expectations)
+    step_data = ImageDataModule(clean_test=clean, poisoned_test=poisoned, batch_size=batch_size, **expectations)
     counter = StepCountsModule(model, layer_name, rank_name, [channel for _, channel in scores.order], tf32)
     trainer = make_trainer(**trainer_options)
     trainer.test(counter, datamodule=step_data, verbose=False)

@@ -32,6 +32,15 @@ def test_every_public_name_is_documented():
     assert undocumented == []
 
 
+def test_old_public_names_still_work_for_one_release():
+    import bdpruning
+    from bdpruning.lightning_modules.data import H5DataModule, ImageDataModule
+    from bdpruning.pruning.masks import pruned_layers, pruned_selection
+
+    assert bdpruning.pruned_channels is bdpruning.zeroed_channels and "pruned_channels" in bdpruning.__all__
+    assert H5DataModule is ImageDataModule and pruned_layers is pruned_selection
+
+
 #: What the wheel is built from (the working tree's sources, copied: the build writes next to them).
 SOURCES = ["pyproject.toml", "setup.py", "README.md", "bdpruning", "convert", "lightning_modules"]
 NESTED = {"convert": "bdpruning/convert", "lightning_modules": "bdpruning/lightning_modules"}

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .dependency import ChannelGroup, remove_channels
-from .masks import plain_state_dict, pruned_layers, shift_kept_layers
+from .masks import plain_state_dict, pruned_selection, shift_kept_layers
 from ..models.record import model_info
 from ..errors import BdpruningError
 
@@ -56,14 +56,14 @@ def compact_model(model: nn.Module, layer: str = "conv_3") -> list[ChannelGroup]
     """Remove the pruned channels of ``model`` in place; return the groups that shrank.
 
     Pruned channels are those of its masked layers, or for a model without masks the all-zero
-    channels of ``layer`` (see :func:`bdpruning.pruning.masks.pruned_layers`). The removal is recorded in
+    channels of ``layer`` (see :func:`bdpruning.pruning.masks.pruned_selection`). The removal is recorded in
     the model's info, so :func:`bdpruning.save_model_dir` saves a directory that reloads compact.
     """
     kept = shift_kept_layers(model)
     if kept:
         raise BdpruningError(f"the pruned channels of {', '.join(kept)} keep their shift (as ANP and RNP prune) and "
                              "emit a constant: removing them would change the model's outputs")
-    steps = list(pruned_layers(model, layer).items())
+    steps = list(pruned_selection(model, layer).items())
     groups = remove_channels(model, steps, example_input(model))
     info = model_info(model)
     info.removed = [*info.removed, *steps]

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BdpruningError
-from .masks import masked_channels, prune_channels, pruned_layers
+from .masks import masked_channels, prune_channels, pruned_selection
 from ..evaluation.metrics import EVALUATION_COUNTS, EvaluationResult
 from ..models import model_info
 from ..models.outputs import logits_model
@@ -126,7 +126,7 @@ def keep_pruned_at_zero(model: nn.Module, layer: str | None = None) -> dict[str,
             raise BdpruningError("the model has no pruning masks: name the layer whose all-zero channels are the "
                                  "pruned ones (layer=..., --layer)")
         layer = DEEPID_PRUNED_LAYER
-    pruned = pruned_layers(model, layer or DEEPID_PRUNED_LAYER)
+    pruned = pruned_selection(model, layer or DEEPID_PRUNED_LAYER)
     if not any(masked_channels(model).values()):
         for name, channels in pruned.items():
             prune_channels(model, name, channels)

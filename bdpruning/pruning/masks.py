@@ -19,8 +19,9 @@ from ..errors import BdpruningError
 from ..graph.layers import find_layer
 from ..graph.tracing import module_nodes, trace_model
 
-__all__ = ["prune_channels", "pruned_channels", "masked_channels", "pruned_layers", "plain_state_dict",
-           "refresh_masked_weights", "channel_count", "baked_copy", "following_batchnorm", "shift_kept_layers"]
+__all__ = ["prune_channels", "zeroed_channels", "masked_channels", "pruned_selection", "pruned_channels",
+           "plain_state_dict", "refresh_masked_weights", "channel_count", "baked_copy", "following_batchnorm",
+           "shift_kept_layers"]
 
 
 def channel_count(module: nn.Module) -> int:
@@ -114,8 +115,8 @@ def _drop_mask_history(module: nn.Module, _inputs: tuple, _output: object) -> No
                 setattr(module, hook._tensor_name, value.detach())
 
 
-def pruned_channels(model: nn.Module, layer: str) -> list[int]:
-    """Channels of ``layer`` whose kernel and bias are entirely zero."""
+def zeroed_channels(model: nn.Module, layer: str) -> list[int]:
+    """Channels of ``layer`` whose kernel and bias are entirely zero (masked or not)."""
     _, module = find_layer(model, layer)
     weight = module.weight.detach().flatten(1)
     zero = (weight == 0).all(dim=1)
@@ -134,8 +135,8 @@ def masked_channels(model: nn.Module) -> dict[str, list[int]]:
     return masked
 
 
-def pruned_layers(model: nn.Module, layer: str = "conv_3") -> dict[str, list[int]]:
-    """The pruned channels of a repaired model: its masked layers' channels, or, for a model
+def pruned_selection(model: nn.Module, layer: str = "conv_3") -> dict[str, list[int]]:
+    """``{layer: channels}`` a repaired model has pruned: its masked layers' channels, or, for a model
     without masks (a B' from a Keras file, say), the all-zero channels of ``layer``.
 
     Refuses a model with nothing pruned.
@@ -144,7 +145,7 @@ def pruned_layers(model: nn.Module, layer: str = "conv_3") -> dict[str, list[int
     if masked:
         return masked
     name, _ = find_layer(model, layer)
-    zeroed = pruned_channels(model, name)
+    zeroed = zeroed_channels(model, name)
     if not zeroed:
         raise BdpruningError(f"the model has no pruning masks and no all-zero channels in {name!r}: nothing is pruned")
     return {name: zeroed}
@@ -187,3 +188,8 @@ def baked_copy(model: nn.Module) -> nn.Module:
             if isinstance(hook, prune.BasePruningMethod):
                 prune.remove(module, hook._tensor_name)
     return baked
+
+
+# Old names, kept for one release: "pruned" said neither how a channel is found nor for how many layers.
+pruned_channels = zeroed_channels
+pruned_layers = pruned_selection

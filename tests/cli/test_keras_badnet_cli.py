@@ -105,7 +105,7 @@ def test_the_cli_pipeline_runs_on_a_keras_badnet_with_batchnorm(keras_badnet, tm
                              "--epochs", "1", "--out", "finetuned")
     assert code == 0, err
     finetuned = bdpruning.load_model("finetuned", device="cpu")
-    assert bdpruning.pruned_channels(finetuned, conv) == sorted(hit["pruned_channels"])
+    assert bdpruning.zeroed_channels(finetuned, conv) == sorted(hit["pruned_channels"])
 
     code, out, err = bdprune(capsys, "compact", "--model", "finetuned", "--layer", "conv_a", "--out", "compact",
                              "--data", k["clean_valid"])

@@ -197,7 +197,7 @@ def test_a_converted_full_model_keeps_its_45_zeroed_channels(pruned_full, conver
     assert zero.nonzero().flatten().tolist() == PRUNED_2PCT_CHANNELS
     graph_module = load_model(out / "model.onnx", device="cpu")
     assert not isinstance(graph_module, DeepID)
-    assert bdpruning.pruned_channels(graph_module, "conv_3") == PRUNED_2PCT_CHANNELS
+    assert bdpruning.zeroed_channels(graph_module, "conv_3") == PRUNED_2PCT_CHANNELS
 
 
 def test_tf2onnx_graph_compacts_exactly_and_reloads(pruned_full, converted, face_images, tmp_path):

@@ -85,7 +85,7 @@ def test_learned_masks_lie_in_the_unit_interval_and_a_seed_repeats_them(name):
     model = planted_net()
     for layer, channels in first.selection().items():
         bdpruning.prune_channels(model, layer, channels)
-        assert bdpruning.pruned_channels(model, layer) == channels  # exactly zero kernel and bias
+        assert bdpruning.zeroed_channels(model, layer) == channels  # exactly zero kernel and bias
 
 
 @pytest.fixture
@@ -117,7 +117,7 @@ def test_cli_runs_a_criterion_and_saves_its_repaired_model(deepid_files, tmp_pat
     assert chosen["channels_pruned"] == record["selected"] > 0 and chosen["model_dir"] == "repaired_clp"
     repaired = bdpruning.load_model(out / "repaired_clp", device="cpu")
     for layer, channels in chosen["pruned_channels"].items():
-        assert bdpruning.pruned_channels(repaired, layer) == channels
+        assert bdpruning.zeroed_channels(repaired, layer) == channels
     assert [p["u"] for p in summary["points"]][:2] == [0.0, 0.5] and "clean_accuracy" in summary["points"][0]
     for name in ("sweep.csv", "sweep.json", "accuracy_asr.png", "scores.png"):
         assert (out / name).stat().st_size > 0
@@ -152,7 +152,7 @@ def test_a_deepid_from_keras_gets_its_repaired_model_as_keras_h5_too(bd_weights,
     chosen = json.loads((out / "summary.json").read_text())["chosen"]
     keras_copy = bdpruning.load_model(out / "repaired_clp" / "model.h5", device="cpu")
     for layer, channels in chosen["pruned_channels"].items():
-        assert bdpruning.pruned_channels(keras_copy, layer) == channels
+        assert bdpruning.zeroed_channels(keras_copy, layer) == channels
 
 
 def test_thresholds_sweep_every_step_along_the_criterion_order():

@@ -148,7 +148,7 @@ def test_a_masked_model_deep_copies_after_a_training_step_and_keeps_its_masks():
     twin(torch.rand(2, 3, 55, 47) * 255).sum().backward()
     twin_optimizer.step()
     copy.deepcopy(twin)
-    assert bdpruning.pruned_channels(twin, "conv_3") == [1, 2, 7]
+    assert bdpruning.zeroed_channels(twin, "conv_3") == [1, 2, 7]
     assert not torch.equal(twin.conv_3.weight_orig, model.conv_3.weight_orig)  # the copy trains on its own
 
 

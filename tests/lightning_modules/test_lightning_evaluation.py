@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bdpruning import BdpruningError
-from bdpruning.lightning_modules.data import H5DataModule
+from bdpruning.lightning_modules.data import ImageDataModule
 from bdpruning.lightning_modules.evaluation import EvaluationModule, evaluate_model, run_evaluation
 from bdpruning.lightning_modules.goodnet import GoodNetModule, evaluate_goodnets
 from bdpruning.evaluation.metrics import percent
@@ -55,7 +55,7 @@ def test_evaluation_counts_are_the_model_s_hits(nets, clean_and_poisoned):
         "clean_images": 13, "clean_correct": correct, "poisoned_images": 7, "attack_successes": attacks,
         "clean_accuracy": percent(correct, 13), "attack_success_rate": percent(attacks, 7),
     }
-    valid = H5DataModule(clean_valid=clean_and_poisoned[0], poisoned_valid=clean_and_poisoned[1], batch_size=5)
+    valid = ImageDataModule(clean_valid=clean_and_poisoned[0], poisoned_valid=clean_and_poisoned[1], batch_size=5)
     assert run_evaluation(EvaluationModule(bd), valid, stage="validate") == {
         key: getattr(results, key) for key in ("clean_images", "clean_correct", "poisoned_images", "attack_successes")
     }
@@ -84,7 +84,7 @@ def test_goodnet_rates_follow_the_rule(nets, always_7, clean_and_poisoned):
 def test_two_processes_count_exactly_what_one_counts(nets, always_7, clean_and_poisoned):
     """ddp_spawn from this pytest process: 2 CPU processes, gloo, unpadded shards of 13 and 7."""
     bd, pruned = nets
-    data = H5DataModule.for_model(bd, clean_test=clean_and_poisoned[0], poisoned_test=clean_and_poisoned[1], batch_size=2)
+    data = ImageDataModule.for_model(bd, clean_test=clean_and_poisoned[0], poisoned_test=clean_and_poisoned[1], batch_size=2)
     one = run_evaluation(GoodNetModule(bd, [pruned, always_7]), data)
     two = run_evaluation(GoodNetModule(bd, [pruned, always_7]), data,
                          accelerator="cpu", devices=2, strategy="ddp_spawn")

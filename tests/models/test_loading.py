@@ -25,7 +25,7 @@ def test_deepid_from_weights_file_predicts_the_documented_labels(bd_weights, fac
 
 def test_full_model_keeps_its_45_zeroed_channels(pruned_full):
     model = load_model(pruned_full, device="cpu")
-    assert bdpruning.pruned_channels(model, "conv_3") == PRUNED_2PCT_CHANNELS
+    assert bdpruning.zeroed_channels(model, "conv_3") == PRUNED_2PCT_CHANNELS
 
 
 def test_layers_are_found_by_keras_name_with_valid_names_listed(bd_weights):
@@ -41,12 +41,12 @@ def test_model_directory_round_trip_keeps_masks(bd_weights, face_images, tmp_pat
     with atomic_dir(tmp_path / "m") as directory:
         bdpruning.save_model_dir(model, directory)
     reloaded = load_model(tmp_path / "m", device="cpu")
-    assert bdpruning.pruned_channels(reloaded, "conv_3") == [5, 7]
+    assert bdpruning.zeroed_channels(reloaded, "conv_3") == [5, 7]
     torch.testing.assert_close(reloaded(face_images), model(face_images), rtol=0, atol=0)
     # masks persist after reload: a weight update cannot revive a pruned channel
     with torch.no_grad():
         reloaded.conv_3.weight_orig.add_(1.0)
-    assert bdpruning.pruned_channels(reloaded, "conv_3") == [5, 7]
+    assert bdpruning.zeroed_channels(reloaded, "conv_3") == [5, 7]
 
 
 def test_bad_model_files_get_one_line_errors(tmp_path):

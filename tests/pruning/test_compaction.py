@@ -11,7 +11,7 @@ import torch
 import torchvision
 from torch import nn
 
-from bdpruning import BdpruningError, DeepID, GoodNet, load_model, prune_channels, pruned_channels, save_model_dir
+from bdpruning import BdpruningError, DeepID, GoodNet, load_model, prune_channels, save_model_dir, zeroed_channels
 from bdpruning.runtime.atomic import atomic_dir
 from bdpruning.cli import main
 from bdpruning.pruning.compaction import compact_model, model_cost
@@ -144,7 +144,7 @@ def test_other_cnns_compact_exactly(build, layer, members):
     assert [m.name for m in groups[0].members] == members
     with torch.no_grad():
         assert (model(x) - expected).abs().max() <= 1e-12
-    assert pruned_channels(model, layer) == []
+    assert zeroed_channels(model, layer) == []
 
 
 def test_a_conv_pruned_with_its_batchnorm_compacts_exactly_behind_padding():

@@ -21,7 +21,7 @@ from bdpruning import BdpruningError, GoodNet, adopt, find_layer, load_model, sa
 from bdpruning.pruning.finetuning import finetune_loss, log_probabilities
 from bdpruning.workflows.finetune import save_finetune_run
 from bdpruning.lightning_modules.finetune import finetune_model
-from bdpruning.pruning.masks import masked_channels, plain_state_dict, pruned_layers
+from bdpruning.pruning.masks import masked_channels, plain_state_dict, pruned_selection
 from helpers.cli import bdprune
 from helpers.data import QUADRANT_TARGET, noisy_faces, quadrant_images, write_h5_set
 from helpers.material import PRUNED_2PCT_CHANNELS
@@ -145,7 +145,7 @@ def test_a_keras_b_prime_keeps_its_zeroed_channels_and_serves_in_goodnet(pruned_
     repaired = load_model(out, device="cpu")
     assert masked_channels(repaired) == {"conv_3": PRUNED_2PCT_CHANNELS}
     keras_copy = load_model(out / "model.h5", device="cpu")  # the fine-tuned weights in the Keras file's layout
-    assert pruned_layers(keras_copy) == {"conv_3": PRUNED_2PCT_CHANNELS}
+    assert pruned_selection(keras_copy) == {"conv_3": PRUNED_2PCT_CHANNELS}
     with torch.no_grad():
         assert torch.equal(repaired(images), model(images))
         torch.testing.assert_close(keras_copy(images), model(images), rtol=0, atol=1e-6)

@@ -17,11 +17,11 @@ def test_masks_survive_training_steps_and_reload(bd_weights, tmp_path):
     loss = model(images).sum()
     loss.backward()
     optimizer.step()
-    assert bdpruning.pruned_channels(model, "conv_3") == [1, 2, 7]
+    assert bdpruning.zeroed_channels(model, "conv_3") == [1, 2, 7]
     with atomic_dir(tmp_path / "trained") as directory:
         bdpruning.save_model_dir(model, directory)
     reloaded = bdpruning.load_model(tmp_path / "trained", device="cpu")
-    assert bdpruning.pruned_channels(reloaded, "conv_3") == [1, 2, 7]
+    assert bdpruning.zeroed_channels(reloaded, "conv_3") == [1, 2, 7]
     seen = {}
     reloaded.pool_3.register_forward_hook(lambda m, i, o: seen.setdefault("pool_3", o))
     with torch.no_grad():
@@ -31,4 +31,4 @@ def test_masks_survive_training_steps_and_reload(bd_weights, tmp_path):
     optimizer = torch.optim.SGD(reloaded.parameters(), lr=1e-3)
     reloaded(images).sum().backward()
     optimizer.step()
-    assert bdpruning.pruned_channels(reloaded, "conv_3") == [1, 2, 7]
+    assert bdpruning.zeroed_channels(reloaded, "conv_3") == [1, 2, 7]

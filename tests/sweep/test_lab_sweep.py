@@ -44,9 +44,9 @@ def test_sweep_reports_results_and_saves_repaired_models(bd_weights, face_set, t
         assert hit["reached"] and hit["accuracy_drop"] >= threshold
         repaired = bdpruning.load_model(out / hit["model_dir"], device="cpu")
         # the zeroed channels are exactly the ones the ranking put first
-        assert bdpruning.pruned_channels(repaired, "conv_3") == sorted(order[: hit["channels_pruned"]])
+        assert bdpruning.zeroed_channels(repaired, "conv_3") == sorted(order[: hit["channels_pruned"]])
         keras_copy = bdpruning.load_model(out / hit["model_dir"] / "model.h5", device="cpu")
-        assert bdpruning.pruned_channels(keras_copy, "conv_3") == sorted(order[: hit["channels_pruned"]])
+        assert bdpruning.zeroed_channels(keras_copy, "conv_3") == sorted(order[: hit["channels_pruned"]])
         # a plain forward of the saved model reproduces the recorded accuracy, up to the images
         # whose float64 margin is within round-off (none, on most machines)
         data = bdpruning.read_h5_dataset(face_set, 1283)
