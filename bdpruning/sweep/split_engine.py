@@ -25,6 +25,7 @@ from ..graph.layers import find_layer
 from ..graph.split import SplitModel, split_at, zero_preserving_path
 from ..numerics.precision import runs_in_precision_context
 from ..pruning.masks import following_batchnorm
+from .incremental import WORTH, IncrementalSuffix, incremental_suffix
 
 __all__ = ["SplitEngine", "chunk_predictions", "split_for", "sweep_predictions"]
 
@@ -49,9 +50,13 @@ def _batched(values: Sequence, n: int) -> list[bool]:
     return [isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n for v in values]
 
 
-def chunk_predictions(suffix: nn.Module, values: tuple, order: Sequence[int]) -> Iterator[torch.Tensor]:
+def chunk_predictions(suffix: nn.Module, values: tuple, order: Sequence[int],
+                      incremental: IncrementalSuffix | None = None, force: bool = False) -> Iterator[torch.Tensor]:
     """Yield the top-1 labels of one chunk of prefix outputs at step 0 (nothing pruned), then
-    after each step of ``order`` (channels at the split)."""
+    after each step of ``order`` (channels at the split). With ``incremental``, the logits of
+    the images a step changes are updated in float64 and only those whose margin lies within
+    the round-off bound re-run ``suffix`` (:mod:`bdpruning.sweep.incremental`), where that is
+    estimated cheaper than re-running ``suffix`` (always with ``force``)."""
     value, others = values[0], values[1:]
     n = value.shape[0]
     batched = _batched(others, n)
@@ -63,12 +68,24 @@ def chunk_predictions(suffix: nn.Module, values: tuple, order: Sequence[int]) ->
     predictions = suffix(value, *others).argmax(dim=1)
     yield predictions
     masked = value.clone()
+    state = incremental.start(values) if incremental is not None and order else None
+    if state is not None and not force and incremental.cost_ratio(state) > WORTH:
+        state = None  # re-running the float32 suffix is cheaper here
     for channel in order:
         active = masked[:, channel].reshape(n, -1).ne(0).any(dim=1).nonzero().squeeze(1)
         masked[:, channel] = 0
         if active.numel():
             predictions = predictions.clone()
-            predictions[active] = rerun(active)
+            if state is None:
+                predictions[active] = rerun(active)
+            else:
+                logits = incremental.step(state, active, channel)
+                labels = logits.argmax(dim=1)
+                unsure = incremental.unsure(logits).nonzero().squeeze(1)
+                if unsure.numel():
+                    incremental.fallbacks += unsure.numel()
+                    labels[unsure] = rerun(active[unsure])
+                predictions[active] = labels
         yield predictions
 
 
@@ -78,10 +95,14 @@ class SplitEngine:
     #: every step costs only suffix runs: counting them all costs little more than a few
     sweeps_every_step = True
 
-    def __init__(self, model: nn.Module, layer: str, rank_layer: str | None = None) -> None:
+    def __init__(self, model: nn.Module, layer: str, rank_layer: str | None = None, *,
+                 incremental: bool | None = None) -> None:
         self.split = split_for(model, layer, rank_layer)
         self.device = next(model.parameters()).device
         self.masked_at = self.split.node_name
+        # None: the incremental update where it is estimated cheaper; True: always (where it applies)
+        self.incremental = incremental_suffix(model, self.masked_at) if incremental is not False else None
+        self.force = bool(incremental)
         self._cached: tuple[ImageData, list] | None = None
 
     def prefix_chunks(self, data: ImageData, batch_size: int, desc: str, progress: bool
@@ -118,7 +139,8 @@ class SplitEngine:
         channels = [channel for _, channel in order[: max(steps)]]
         counts = torch.zeros(len(channels) + 1, dtype=torch.long, device=self.device)
         for values, labels in self.prefix_chunks(data, batch_size, desc, progress):
-            for step, predictions in enumerate(chunk_predictions(self.split.suffix, values, channels)):
+            for step, predictions in enumerate(chunk_predictions(self.split.suffix, values, channels,
+                                                                 self.incremental, self.force)):
                 counts[step] += (predictions == labels).sum()
         every = counts.tolist()
         return [every[k] for k in steps]
@@ -134,6 +156,6 @@ def sweep_predictions(
     dataset = as_image_data(dataset)
     model.eval()
     engine = SplitEngine(model, layer, rank_layer)
-    columns = [torch.stack(list(chunk_predictions(engine.split.suffix, values, order))).cpu()
+    columns = [torch.stack(list(chunk_predictions(engine.split.suffix, values, order, engine.incremental, engine.force))).cpu()
                for values, _ in engine.prefix_chunks(dataset, batch_size, "sweep", False)]
     return torch.cat(columns, dim=1)
