@@ -7,8 +7,9 @@ the CPU and copied four times the bytes to the device. :func:`model_batches` ins
 - keeps a *decoded* set resident on the model's device in its stored dtype (uint8 for the
   course's files, a quarter of float32's bytes) when a memory check says it fits, converting
   each batch to the model's dtype on the device; an HDF5 set or an ``(images, labels)`` pair
-  is loaded once per :class:`~bdpruning.data.forms.ImageData` (copies share it), so the
-  ranking, the sweep's passes and repeated evaluations read it once;
+  is loaded once per :class:`~bdpruning.data.forms.ImageData` (copies share it; every one over
+  the same :class:`~bdpruning.data.hdf5.H5ImageSet` too, while that set lives), so the ranking,
+  the sweep's passes and repeated evaluations read it once;
 - otherwise streams the source's batches, on CUDA through pinned memory with non-blocking
   copies, one batch ahead, so the copy overlaps the computation.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from typing import Iterator
 
 import numpy as np
@@ -29,6 +31,7 @@ from torch import nn
 
 from .checks import check_batch_size
 from .forms import ImageData
+from .hdf5 import H5ImageSet
 
 __all__ = ["model_batches", "resident_fits"]
 
@@ -56,9 +59,34 @@ def resident_fits(nbytes: int, device: torch.device) -> bool:
     return device.type in ("cuda", "cpu") and nbytes <= _free_bytes(device)
 
 
+#: resident copies of HDF5 sets, by set: every ImageData over one set (each call of
+#: predict_labels, the ranking, the sweep's passes) reads the file once while the set lives
+_H5_RESIDENT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class _SharedCache:
+    """An ImageData's own resident cache, backed by its set's: read from either, written to both."""
+
+    def __init__(self, own: dict, shared: dict) -> None:
+        self.own, self.shared = own, shared
+
+    def __contains__(self, key) -> bool:
+        return key in self.own or key in self.shared
+
+    def __getitem__(self, key):
+        if key not in self.own:
+            self.own[key] = self.shared[key]
+        return self.own[key]
+
+    def __setitem__(self, key, value) -> None:
+        self.own[key] = self.shared[key] = value
+
+
 def _resident(data: ImageData, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The set on ``device`` in its stored dtype (NHWC when ``channels_last``), loaded once."""
-    cache = data.resident
+    source = getattr(data, "dataset", None)
+    cache = _SharedCache(data.resident, _H5_RESIDENT.setdefault(source, {})) if isinstance(source, H5ImageSet) \
+        else data.resident
     key = (str(device), channels_last)
     if key in cache:
         return cache[key]
