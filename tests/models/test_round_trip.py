@@ -101,7 +101,7 @@ def badnet() -> TinyResNet:
 
 @pytest.fixture
 def adopted(badnet) -> TinyResNet:
-    model = copy.deepcopy(badnet)
+    model = copy.deepcopy(badnet).eval()
     return adopt(model, outputs="logits", example=quadrants(2, 9)[0])
 
 
@@ -227,8 +227,9 @@ class Softmaxed(nn.Module):
 
 def test_the_output_contract_is_read_from_the_graph_and_can_be_overridden(badnet, tmp_path):
     softmax, log_softmax = tmp_path / "softmax.onnx", tmp_path / "log_softmax.onnx"
-    softmax.write_bytes(_export(Softmaxed(badnet, nn.Softmax(dim=1)), 17, False))
-    log_softmax.write_bytes(_export(Softmaxed(badnet, nn.LogSoftmax(dim=1)), 17, False))
+    # eval(): the exporter restores the wrapper's mode afterwards, and badnet is its child
+    softmax.write_bytes(_export(Softmaxed(badnet, nn.Softmax(dim=1)).eval(), 17, False))
+    log_softmax.write_bytes(_export(Softmaxed(badnet, nn.LogSoftmax(dim=1)).eval(), 17, False))
     assert bdpruning.model_info(load_model(softmax, "cpu")).outputs == "probabilities"
     with pytest.raises(BdpruningError) as error:
         load_model(log_softmax, "cpu")
