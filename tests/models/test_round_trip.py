@@ -333,3 +333,29 @@ def test_cli_prune_refuses_data_that_does_not_fit_the_model_in_one_line(badnet, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "the model takes 0..1: divide the images by 255" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_every_cli_stage_runs_on_saved_adopted_models(adopted, tmp_path, capsys):
+    """evaluate, goodnet, compact, finetune and classify take the directories of an adopted B and
+    B' (through their ONNX) with no option about the model: the record says logits and 0..1."""
+    from PIL import Image
+
+    b_prime = bdpruning.prune_channels(copy.deepcopy(adopted), LAYER, [0, 1, 2])
+    bd_dir, b_prime_dir = save_model_dir(adopted, tmp_path / "bd"), save_model_dir(b_prime, tmp_path / "b_prime")
+    clean = write_h5(tmp_path / "clean.h5", *quadrants(120, 2))
+    poisoned = write_h5(tmp_path / "poisoned.h5", *quadrants(40, 3, trigger=True))
+    sets = ["--clean", str(clean), "--poisoned", str(poisoned), "--accelerator", "cpu"]
+    assert main(["evaluate", "--model", str(b_prime_dir), *sets]) == 0
+    assert main(["goodnet", "--bd", str(bd_dir), "--repaired", str(b_prime_dir), *sets, "--out", str(tmp_path / "gn")]) == 0
+    assert main(["compact", "--model", str(b_prime_dir), "--out", str(tmp_path / "compact"), "--data", str(clean)]) == 0
+    assert main(["finetune", "--model", str(b_prime_dir), "--clean-valid", str(clean), "--epochs", "1",
+                 "--accelerator", "cpu", "--out", str(tmp_path / "tuned")]) == 0
+    image = quadrants(1, 5)[0][0]  # class 0 (pixels 0..1): a PNG holds it as 0..255
+    Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(tmp_path / "face.png")
+    capsys.readouterr()
+    assert main(["classify", str(tmp_path / "face.png"), "--bd", str(bd_dir), "--repaired", str(bd_dir),
+                 "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.split() == [str(tmp_path / "face.png"), "0"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "b_prime", "bd", "clean.h5", "compact", "face.png", "gn", "poisoned.h5", "tuned"]  # nothing unasked
