@@ -24,11 +24,39 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-range", choices=["0..255", "0..1", "normalized"],
                         help="the pixels the model takes; data outside it is refused (default: from the "
                              "record; 0..255 for DeepID; unchecked for other files)")
+    parser.add_argument("--model-class", metavar="MODULE:CLASS",
+                        help="your nn.Module class (built with no arguments; MODULE importable from here) to load a "
+                             "directory saved from an adopted model into (default: its ONNX graph, BatchNorms folded)")
 
 
 def model_options(args: argparse.Namespace) -> dict:
     """Keyword arguments of :func:`bdpruning.load_model` from :func:`add_model_arguments`' options."""
-    return {"outputs": args.outputs, "input_range": args.input_range}
+    return {"outputs": args.outputs, "input_range": args.input_range, "into": _model_class(args.model_class)}
+
+
+def _model_class(spec: str | None) -> type | None:
+    """The class ``MODULE:CLASS`` names (the working directory is importable, as for ``python -m``)."""
+    if spec is None:
+        return None
+    import importlib
+    import os
+
+    from torch import nn
+
+    from ..errors import BdpruningError
+
+    module_name, _, name = spec.partition(":")
+    if not module_name or not name:
+        raise BdpruningError(f"--model-class {spec!r}: expected MODULE:CLASS, e.g. mynets:TinyResNet")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        found = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as exc:
+        raise BdpruningError(f"--model-class {spec!r}: {exc}") from None
+    if not (isinstance(found, type) and issubclass(found, nn.Module)):
+        raise BdpruningError(f"--model-class {spec!r} is not an nn.Module class")
+    return found
 
 
 def add_lightning_arguments(parser: argparse.ArgumentParser) -> None:

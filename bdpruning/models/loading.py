@@ -147,7 +147,7 @@ def load_model(
     path: str | os.PathLike[str],
     device: str | torch.device | None = "auto",
     *,
-    into: nn.Module | None = None,
+    into: nn.Module | type[nn.Module] | None = None,
     outputs: str | None = None,
     input_range: str | None = None,
 ) -> nn.Module:
@@ -160,9 +160,10 @@ def load_model(
     (``"logits"`` or ``"probabilities"``) overrides that. ``input_range`` (see
     :data:`bdpruning.models.INPUT_RANGES`) records the pixels it takes where the file cannot say.
 
-    ``into``: a fresh instance of the user's own class (``into=MyNet()``) for a directory saved
-    from an adopted model: its weights, masks and record are loaded into it (compaction is
-    replayed first) and it is returned, parameter names and BatchNorm as before saving.
+    ``into``: a fresh instance of the user's own class (``into=MyNet()``, or the class, built
+    with no arguments) for a directory saved from an adopted model: its weights, masks and record
+    are loaded into it (compaction is replayed first) and it is returned, parameter names and
+    BatchNorm as before saving. Without it such a directory loads as its ONNX graph.
     Layers are found by name with :func:`bdpruning.find_layer`.
     """
     path = Path(path)
@@ -171,8 +172,11 @@ def load_model(
     check_input_range(input_range)
     if not path.exists():
         raise file_error(path, "no such file or directory")
+    if isinstance(into, type) and issubclass(into, nn.Module):
+        into = into()
     if into is not None and not (isinstance(into, nn.Module) and path.is_dir()):
-        raise file_error(path, "into= takes an nn.Module, and loads a model directory (saved by save_model_dir)")
+        raise file_error(path, "into= takes an nn.Module (or its class), and loads a model directory "
+                               "(saved by save_model_dir)")
     if path.is_dir():
         model = _load_dir(path, into, outputs)
     else:

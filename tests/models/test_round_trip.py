@@ -359,3 +359,21 @@ def test_every_cli_stage_runs_on_saved_adopted_models(adopted, tmp_path, capsys)
     assert capsys.readouterr().out.split() == [str(tmp_path / "face.png"), "0"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "b_prime", "bd", "clean.h5", "compact", "face.png", "gn", "poisoned.h5", "tuned"]  # nothing unasked
+
+
+@pytest.mark.slow
+def test_cli_fine_tunes_into_the_users_class_as_the_api_does_in_memory(adopted, tmp_path):
+    """``--model-class``: the CLI loads the directory into the researcher's class (BatchNorm kept),
+    and fine-pruning there gives the same weights as fine-pruning the model in memory."""
+    from bdpruning.lightning_modules.finetune import finetune_model
+
+    b_prime = bdpruning.prune_channels(copy.deepcopy(adopted), LAYER, [1, 2, 4])
+    directory = save_model_dir(b_prime, tmp_path / "b_prime")
+    clean = write_h5(tmp_path / "clean.h5", *quadrants(96, 2))
+    assert main(["finetune", "--model", str(directory), "--model-class", f"{__name__}:TinyResNet", "--clean-valid",
+                 str(clean), "--epochs", "1", "--accelerator", "cpu", "--out", str(tmp_path / "tuned")]) == 0
+    in_memory = finetune_model(b_prime, str(clean), 1, accelerator="cpu", progress=False).model
+    tuned = load_model(tmp_path / "tuned", "cpu", into=TinyResNet)
+    expected, actual = plain_state_dict(in_memory), plain_state_dict(tuned)
+    assert expected.keys() == actual.keys() and all(torch.equal(expected[k], actual[k]) for k in expected)
+    assert masked_channels(tuned) == {LAYER: [1, 2, 4]}
