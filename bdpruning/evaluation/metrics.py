@@ -71,6 +71,11 @@ def percent(hits: int, total: int) -> float | None:
     return 100.0 * hits / total if total else None
 
 
+def _rate(hits: str, total: str, doc: str) -> property:
+    """A property: ``percent`` of two count fields (an absent count reads as 0)."""
+    return property(lambda self: percent(getattr(self, hits) or 0, getattr(self, total) or 0), doc=doc)
+
+
 @dataclass(frozen=True)
 class EvaluationResult:
     """One model's exact counts on the clean set (and the poisoned set, None without one), and
@@ -81,18 +86,13 @@ class EvaluationResult:
     poisoned_images: int | None = None
     attack_successes: int | None = None
 
+    clean_accuracy = _rate("clean_correct", "clean_images", "Clean accuracy in percent.")
+    attack_success_rate = _rate("attack_successes", "poisoned_images", "ASR in percent (None without poisoned images).")
+
     @classmethod
     def of(cls, counts: dict[str, int]) -> EvaluationResult:
         """From counts named as in :data:`EVALUATION_COUNTS` (absent: not counted)."""
         return cls(**{name: counts[name] for name in EVALUATION_COUNTS if name in counts})
-
-    @property
-    def clean_accuracy(self) -> float | None:
-        return percent(self.clean_correct, self.clean_images)
-
-    @property
-    def attack_success_rate(self) -> float | None:
-        return percent(self.attack_successes or 0, self.poisoned_images or 0)
 
     def counts(self) -> dict[str, int]:
         """The counts that were taken, by name."""
@@ -126,38 +126,17 @@ class GoodNetResult:
     poisoned_flagged: int = 0
     goodnet_attack_successes: int = 0
 
+    clean_accuracy = _rate("clean_correct", "clean_images", "B''s clean accuracy.")
+    attack_success_rate = _rate("attack_successes", "poisoned_images", "B''s ASR.")
+    goodnet_clean_accuracy = _rate("goodnet_clean_correct", "clean_images", "GoodNet's clean accuracy.")
+    goodnet_attack_success_rate = _rate("goodnet_attack_successes", "poisoned_images", "GoodNet's ASR.")
+    detection_rate = _rate("poisoned_flagged", "poisoned_images", "Poisoned inputs flagged.")
+    false_alarm_rate = _rate("clean_flagged", "clean_images", "Clean inputs flagged.")
+
     @classmethod
     def of(cls, counts: dict[str, int]) -> GoodNetResult:
         """From counts named as in :data:`GOODNET_COUNTS` (absent: zero)."""
         return cls(**{name: counts.get(name, 0) for name in GOODNET_COUNTS})
-
-    @property
-    def clean_accuracy(self) -> float | None:
-        """B''s clean accuracy."""
-        return percent(self.clean_correct, self.clean_images)
-
-    @property
-    def attack_success_rate(self) -> float | None:
-        """B''s ASR."""
-        return percent(self.attack_successes, self.poisoned_images)
-
-    @property
-    def goodnet_clean_accuracy(self) -> float | None:
-        return percent(self.goodnet_clean_correct, self.clean_images)
-
-    @property
-    def goodnet_attack_success_rate(self) -> float | None:
-        return percent(self.goodnet_attack_successes, self.poisoned_images)
-
-    @property
-    def detection_rate(self) -> float | None:
-        """Poisoned inputs flagged."""
-        return percent(self.poisoned_flagged, self.poisoned_images)
-
-    @property
-    def false_alarm_rate(self) -> float | None:
-        """Clean inputs flagged."""
-        return percent(self.clean_flagged, self.clean_images)
 
     def to_json(self) -> dict[str, float | None]:
         """The six rates (a row of ``goodnet.json`` without the model's name)."""
