@@ -92,6 +92,7 @@ class IncrementalSuffix:
         self.depth = depth
         self.fallbacks = 0  # images re-run in float32 because their margin was within the bound
         self.updates = 0  # images whose logits were updated incrementally
+        self._worth: bool | None = None
         for node in self.nodes:
             if not self._known(node):
                 raise BdpruningError(f"the incremental sweep does not know {node.op} {node.target}")
@@ -300,6 +301,15 @@ class IncrementalSuffix:
             if node is self.logits:
                 break
         return FLOAT64_COST * step / max(suffix, 1.0)
+
+    def worth(self, values: tuple) -> bool:
+        """Whether the incremental path is estimated cheaper than re-running the float32 suffix
+        (at most :data:`WORTH` of its cost; judged once, on one image of ``values``)."""
+        if self._worth is None:
+            one = tuple(v[:1] if isinstance(v, torch.Tensor) and v.dim() and len(v) == len(values[0]) else v
+                        for v in values)
+            self._worth = self.cost_ratio(self.start(one)) <= WORTH
+        return self._worth
 
     def unsure(self, logits: torch.Tensor) -> torch.Tensor:
         """Images whose float32 top-1 may differ from the float64 one: top-2 margin within twice

@@ -25,7 +25,7 @@ from ..graph.layers import find_layer
 from ..graph.split import SplitModel, split_at, zero_preserving_path
 from ..numerics.precision import runs_in_precision_context
 from ..pruning.masks import following_batchnorm
-from .incremental import WORTH, IncrementalSuffix, incremental_suffix
+from .incremental import IncrementalSuffix, incremental_suffix
 
 __all__ = ["SplitEngine", "chunk_predictions", "split_for", "sweep_predictions"]
 
@@ -68,9 +68,8 @@ def chunk_predictions(suffix: nn.Module, values: tuple, order: Sequence[int],
     predictions = suffix(value, *others).argmax(dim=1)
     yield predictions
     masked = value.clone()
-    state = incremental.start(values) if incremental is not None and order else None
-    if state is not None and not force and incremental.cost_ratio(state) > WORTH:
-        state = None  # re-running the float32 suffix is cheaper here
+    worth = incremental is not None and order and (force or incremental.worth(values))
+    state = incremental.start(values) if worth else None
     for channel in order:
         active = masked[:, channel].reshape(n, -1).ne(0).any(dim=1).nonzero().squeeze(1)
         masked[:, channel] = 0
