@@ -239,3 +239,12 @@ def test_clp_covers_batchnorm_layers_only_unless_extended_and_warns_on_a_net_wit
     assert scores.selected == 0 and scores.order == [] and len(caplog.records) == 1
     assert "no conv layer is followed by a BatchNorm" in caplog.records[0].getMessage()
     assert CLP(convs_without_batchnorm=True).score(planted_net()).selection() == {"features": [0]}
+
+
+def test_an_rnp_unlearning_that_ends_at_chance_warns(caplog):
+    model = tiny_bn()  # 3 classes: chance is 33 %
+    with caplog.at_level(logging.WARNING, logger="bdpruning.criteria.rnp"):
+        RNP(stop_accuracy=0.6)._check_unlearning([0.9, 0.55], model)  # stopped, above chance
+        assert not caplog.records
+        RNP(stop_accuracy=0.6)._check_unlearning([0.9, 0.3], model)
+    assert len(caplog.records) == 1 and "unlearning ended at chance" in caplog.text
