@@ -236,8 +236,9 @@ def test_clp_covers_batchnorm_layers_only_unless_extended_and_warns_on_a_net_wit
     assert list(CLP(u=0).score(tiny_bn()).scores) == ["conv1", "conv2"]
     with caplog.at_level(logging.WARNING, logger="bdpruning.criteria.clp"):
         scores = CLP().score(planted_net())
-    assert scores.selected == 0 and scores.order == [] and len(caplog.records) == 1
-    assert "no conv layer is followed by a BatchNorm" in caplog.records[0].getMessage()
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert scores.selected == 0 and scores.order == [] and len(warnings) == 1
+    assert "no conv layer is followed by a BatchNorm" in warnings[0].getMessage()
     assert CLP(convs_without_batchnorm=True).score(planted_net()).selection() == {"features": [0]}
 
 
@@ -245,6 +246,7 @@ def test_an_rnp_unlearning_that_ends_at_chance_warns(caplog):
     model = tiny_bn()  # 3 classes: chance is 33 %
     with caplog.at_level(logging.WARNING, logger="bdpruning.criteria.rnp"):
         RNP(stop_accuracy=0.6)._check_unlearning([0.9, 0.55], model)  # stopped, above chance
-        assert not caplog.records
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
         RNP(stop_accuracy=0.6)._check_unlearning([0.9, 0.3], model)
-    assert len(caplog.records) == 1 and "unlearning ended at chance" in caplog.text
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "unlearning ended at chance" in warnings[0].getMessage()
