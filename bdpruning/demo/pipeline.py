@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from ..data.hdf5 import H5ImageSet
 from ..runtime.atomic import atomic_dir
 from ..errors import BdpruningError
 from .build import DemoFiles, build_demo
@@ -99,7 +100,8 @@ def run_demo(
             stage("goodnet", ["--bd", "converted", "--repaired", *repaired, "finetuned", "--clean",
                               str(demo.clean_test), "--poisoned", str(demo.poisoned_test),
                               "--out", "goodnet", *precision])
-        for label, args in criterion_stages(str(demo.clean_valid), str(demo.poisoned_valid), precision):
+        for label, args in criterion_stages(str(demo.clean_valid), str(demo.poisoned_valid), precision,
+                                              len(H5ImageSet(demo.clean_valid))):
             stage("prune", args, label)  # CLP, ANP, RNP: the same engine, other criteria
         chosen = [f"defense_{name}/repaired_{name}" for name in DEMO_CRITERIA
                   if (run / f"defense_{name}" / f"repaired_{name}").exists()]
