@@ -109,7 +109,8 @@ def comparison_section(run: Path, timings: dict[str, float]) -> list[str]:
         "## Pruning defenses compared (test sets)",
         "",
         "Each criterion chose its channels on the clean validation set only (the poisoned set only gives the ASR); "
-        "CLP, ANP and RNP cover every conv layer. B' clean accuracy and ASR, and GoodNet with that B', on the "
+        "ANP and RNP cover every conv layer, CLP (as its authors) the convs followed by a BatchNorm; each is held to "
+        "the clean-accuracy budget. B' clean accuracy and ASR, and GoodNet with that B', on the "
         "clean and poisoned test sets. Seconds: wall time of the method's `bdprune` stages (loading, choosing, "
         "sweeping, saving; fine-pruning adds fine-tuning).",
         "",
