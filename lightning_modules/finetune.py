@@ -169,7 +169,8 @@ def finetune_model(
         return None
     refresh_masked_weights(model.cpu())
     settings = {"epochs": epochs, "optimizer": optimizer, "lr": lr, "batch_size": batch_size, "seed": seed,
-                "layer": layer, **_where_trained(trainer_options),
+                "layer": next(iter(pruned)) if len(pruned) == 1 else sorted(pruned),  # as fine-tuned, not as asked
+                **_where_trained(trainer_options),
                 "precision": {"training": module.training_precision or precision_record(),
                               "evaluation": precision_record(tf32)}}
     sets = {"train": data_name(clean_train),

@@ -189,6 +189,7 @@ def test_cli_finetune_writes_a_model_directory_and_its_history(quadrant_sets, tm
     assert summary["sets"] == {"train": str(quadrant_sets.train), "clean_eval": str(quadrant_sets.clean),
                                "poisoned_eval": str(quadrant_sets.poisoned)}
     assert summary["settings"]["optimizer"] == "adam" and summary["settings"]["lr"] == 1e-3
+    assert summary["settings"]["layer"] == "conv_3"  # the layer fine-tuned, read from the masks
     assert summary["model"] == str(b_prime) and summary["pruned"] == {"conv_3": SMALL_DEEPID_PRUNED}
     assert summary["before"] == summary["history"][0] and summary["after"] == summary["history"][-1]
     with open(run / "finetune.csv") as handle:
