@@ -19,7 +19,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
-from bdpruning.data.forms import DataLike, as_image_data, model_expectations
+from bdpruning.data.forms import DataLike, as_image_data
+from bdpruning.models import model_expectations
 from bdpruning.errors import BdpruningError
 
 __all__ = ["CleanTrainingData", "MaskStepModule", "ProgressBar", "TensorBatches", "clean_training_data",

@@ -34,9 +34,9 @@ from .checks import check_batch_size, check_image_shape, check_images, check_lab
 from .hdf5 import H5ImageSet, read_h5_dataset
 from ..errors import BdpruningError
 # moved to bdpruning.models.record (a model concern); re-exported until the sweep's callers switch
-from ..models.record import model_expectations, range_of_images
+from ..models.record import range_of_images
 
-__all__ = ["DataLike", "ImageData", "StoredImages", "as_image_data", "data_name", "model_expectations"]
+__all__ = ["DataLike", "ImageData", "StoredImages", "as_image_data", "data_name"]
 
 #: What :func:`as_image_data` accepts.
 DataLike = Union[str, os.PathLike, H5ImageSet, Dataset, DataLoader, tuple, "ImageData"]

@@ -32,7 +32,8 @@ from typing import Sequence
 from torch import nn
 
 from ..criteria.base import ChannelScores, Criterion
-from ..data.forms import DataLike, ImageData, as_image_data, model_expectations
+from ..data.forms import DataLike, ImageData, as_image_data
+from ..models.record import model_expectations
 from ..errors import BdpruningError
 from ..numerics.precision import runs_in_precision_context
 from .budget import apply_budget, check_held_out
