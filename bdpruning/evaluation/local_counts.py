@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..data.forms import DataLike, as_image_data
-from ..graph.fused import inference_module
+from ..graph.fused import in_cpu_batches, inference_module
 from ..data.feed import model_batches
 from .metrics import EVALUATION_COUNTS, GOODNET_COUNTS, EvaluationResult, GoodNetResult, evaluation_outcomes, \
     goodnet_outcomes
@@ -53,7 +53,7 @@ def count_evaluation(model: nn.Module, clean: DataLike, poisoned: DataLike | Non
     fast = inference_module(model)
 
     def outcomes(images: torch.Tensor, labels: torch.Tensor, is_poisoned: bool) -> dict[str, torch.Tensor]:
-        return evaluation_outcomes(fast.module(images).argmax(dim=1), labels, is_poisoned)
+        return evaluation_outcomes(in_cpu_batches(fast.module, images).argmax(dim=1), labels, is_poisoned)
 
     counts = _count(outcomes, EVALUATION_COUNTS, model, clean, poisoned, batch_size, fast.channels_last, tf32)
     return EvaluationResult.of(counts)
@@ -73,10 +73,11 @@ def count_goodnets(bd: nn.Module, repaired: Sequence[nn.Module], clean: DataLike
     names = [f"{i}/{name}" for i in range(len(goodnets)) for name in GOODNET_COUNTS]
 
     def outcomes(images: torch.Tensor, labels: torch.Tensor, is_poisoned: bool) -> dict[str, torch.Tensor]:
-        bd_predicted = forms[0].module(images).argmax(dim=1)
+        bd_predicted = in_cpu_batches(forms[0].module, images).argmax(dim=1)
         flags = {}
         for i, form in enumerate(forms[1:]):
-            found = goodnet_outcomes(bd_predicted, form.module(images).argmax(dim=1), labels, num_classes, is_poisoned)
+            repaired_labels = in_cpu_batches(form.module, images).argmax(dim=1)
+            found = goodnet_outcomes(bd_predicted, repaired_labels, labels, num_classes, is_poisoned)
             flags.update({f"{i}/{name}": value for name, value in found.items()})
         return flags
 

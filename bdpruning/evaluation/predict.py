@@ -8,7 +8,7 @@ from tqdm.auto import tqdm
 
 from ..data.forms import DataLike, as_image_data
 from ..runtime.devices import resolve_device
-from ..graph.fused import inference_module
+from ..graph.fused import in_cpu_batches, inference_module
 from ..data.feed import model_batches
 from ..numerics.precision import runs_in_precision_context
 
@@ -39,6 +39,6 @@ def predict_labels(
     fast = inference_module(model)
     batches = model_batches(dataset, batch_size, model, channels_last=fast.channels_last)
     total = -(-len(dataset) // batch_size)
-    labels = [fast(images).argmax(dim=1)
+    labels = [in_cpu_batches(fast, images).argmax(dim=1)
               for images, _ in tqdm(batches, total=total, disable=not progress, desc="predict", leave=False)]
     return torch.cat(labels).cpu()

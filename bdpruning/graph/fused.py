@@ -31,9 +31,14 @@ from .ops import is_relu
 from .split import SplitModel
 from .tracing import trace_model
 
-__all__ = ["FastModule", "fast_split", "inference_module"]
+__all__ = ["CPU_BATCH", "FastModule", "fast_split", "in_cpu_batches", "inference_module"]
 
 log = logging.getLogger(__name__)
+
+#: Images per call of a CPU inference pass: a batch's activations then stay in the cache. On a
+#: 2-core EPYC (32 MiB L3), DeepID's prefix to pool_3 ran 4,000 digits in 0.51 s at 64 images a
+#: call, 0.52 s at 128, 0.75 s at 256 and 1.00 s at 1,024 (conv_1's output is 183 KB an image).
+CPU_BATCH = 64
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -146,3 +151,20 @@ def fast_split(split: SplitModel) -> SplitModel:
     :func:`inference_module`); ``channels_last`` says whether the prefix wants NHWC input."""
     prefix, suffix = inference_module(split.prefix), inference_module(split.suffix, channels_last=False)
     return SplitModel(prefix.module, suffix.module, split.node_name, prefix.channels_last)
+
+
+def in_cpu_batches(module, images: torch.Tensor):
+    """``module(images)``, run :data:`CPU_BATCH` images at a time on the CPU outside autograd
+    (the per-image outputs concatenated; an output that is not per image is taken from the
+    first call); at once elsewhere. For modules without side effects per call (no hooks)."""
+    if images.device.type != "cpu" or torch.is_grad_enabled() or len(images) <= CPU_BATCH:
+        return module(images)
+    parts = [module(chunk) for chunk in images.split(CPU_BATCH)]
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts)
+    return tuple(torch.cat([part[i] for part in parts]) if _per_image(value, CPU_BATCH)
+                 else value for i, value in enumerate(parts[0]))
+
+
+def _per_image(value, count: int) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == count

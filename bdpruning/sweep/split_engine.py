@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..criteria.activation import ActivationMeans
 from ..data.feed import model_batches
 from ..data.forms import DataLike, ImageData, as_image_data
-from ..graph.fused import fast_split
+from ..graph.fused import fast_split, in_cpu_batches
 from ..graph.layers import find_layer
 from ..graph.split import SplitModel, split_at, zero_preserving_path
 from ..numerics.precision import runs_in_precision_context
@@ -113,7 +113,7 @@ class SplitEngine:
         total = -(-len(data) // batch_size)
         batches = model_batches(data, batch_size, self.split.prefix, channels_last=self.split.channels_last)
         for images, labels in tqdm(batches, total=total, disable=not progress, desc=desc, leave=False):
-            yield self.split.prefix(images), labels.to(self.device)
+            yield in_cpu_batches(self.split.prefix, images), labels.to(self.device)
 
     @torch.inference_mode()
     def means_and_cache(self, clean: ImageData, batch_size: int, cache_bytes: int, progress: bool) -> ActivationMeans:

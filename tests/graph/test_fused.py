@@ -1,5 +1,6 @@
 """The fast inference form computes what the plain model does: every conv-ReLU fused, hooked and
-masked layers left alone, channels-last only where the model allows it."""
+masked layers left alone, channels-last only where the model allows it; CPU inference runs in
+cache-sized batches."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 import bdpruning
-from bdpruning.graph.fused import ConvReLU, inference_module
+from bdpruning.graph.fused import CPU_BATCH, ConvReLU, in_cpu_batches, inference_module
 from bdpruning.evaluation.predict import predict_labels
 from bdpruning.numerics.roundoff import float64_reference
 from helpers.material import BD_WEIGHTS
@@ -73,3 +74,26 @@ def test_a_model_that_views_its_input_is_fed_nchw():
     assert predict_labels(model, data, batch_size=2).shape == (5,)
 
 
+
+
+class _PerImageAndShared(nn.Module):
+    """Per-image outputs (exact elementwise arithmetic) and one value that is not per image."""
+
+    def forward(self, x: torch.Tensor):
+        return 2 * x, x[:, 0, 0, 0], torch.tensor([7.0, 8.0])
+
+
+def test_cpu_inference_runs_in_cache_sized_batches_and_concatenates_per_image_outputs():
+    calls = []
+    module = _PerImageAndShared()
+    module.register_forward_pre_hook(lambda _, args: calls.append(len(args[0])))
+    images = torch.arange(150 * 3 * 2 * 2, dtype=torch.float32).reshape(150, 3, 2, 2)
+    with torch.inference_mode():
+        doubled, first, shared = in_cpu_batches(module, images)
+        alone = in_cpu_batches(lambda x: 2 * x, images)
+    assert calls == [CPU_BATCH, CPU_BATCH, 150 - 2 * CPU_BATCH]
+    assert torch.equal(doubled, 2 * images) and torch.equal(alone, 2 * images)
+    assert torch.equal(first, images[:, 0, 0, 0]) and torch.equal(shared, torch.tensor([7.0, 8.0]))
+    calls.clear()
+    in_cpu_batches(module, images)  # with autograd on (training), one call as it is
+    assert calls == [150]
