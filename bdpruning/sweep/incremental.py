@@ -1,19 +1,27 @@
-"""Incremental exact sweep steps: update each image's logits by the pruned channel's
-contribution instead of re-running the layers after the split.
+"""Incremental exact sweep steps: update each image's values after the split by the pruned
+channel's contribution instead of re-running every layer after it.
 
 Pruning channel ``c`` at the split subtracts ``c``'s values there. Through a linear layer
 (convolution, dense, eval BatchNorm, average pooling, flatten, sums, scaling) that change
-propagates as the layer applied to the change alone, and the first layers after the split see it
-in one channel only (a conv on one input channel, a dense layer on one block of columns: a small
-fraction of their cost). A nonlinearity the change reaches (ReLU, max pooling) is recomputed
-from its updated input. Everything is held in float64, per image, for the whole chunk.
+propagates as the layer applied to the change alone, and while it is one channel (a block of
+columns after a flatten) the layer's work is a small fraction of its cost: a conv on one input
+channel, a dense layer on one block of columns. Those layers are *updated*: their values are held
+in float64, per image, for the whole chunk, and each step adds the change. A layer the change
+reaches spread over every channel, or a nonlinearity (ReLU, max pooling), and everything after
+it are *recomputed* in float32 from the updated values, on the images the step changes.
 
-The float64 logits decide an image's label where round-off cannot: where the top-2 margin
-exceeds twice the float32 bound of :mod:`bdpruning.numerics.roundoff` (``LAMBDA sqrt(N) u S``,
-``N`` the model's accumulation depth), the float32 suffix the split engine runs would give the
-same top-1. The other images are re-run through that float32 suffix exactly as before, so the
-labels are the split engine's. Suffixes with any other operation, a model whose logits cannot be
-read, or TF32 precision keep the plain split engine.
+For DeepID split at ``pool_3``: ``fc_1`` and ``conv_4`` are updated from the pruned channel alone,
+and conv_4's ReLU, ``fc_2``, the sum, its ReLU and the output layer are recomputed: about a third
+of the suffix's multiply-adds.
+
+The logits decide an image's label where round-off cannot: the float64 updates carry no round-off
+a float32 computation could see, and the float32 recomputation is part of the model's path, so
+its logits lie within the float32 bound ``delta = LAMBDA sqrt(N) u S`` of
+:mod:`bdpruning.numerics.roundoff` (``N`` the model's accumulation depth) of the exact ones, as the
+float32 suffix the split engine runs does. Where the top-2 margin exceeds ``2 (delta + delta)``,
+both give the exact top-1. The other images are re-run through that float32 suffix exactly as
+before, so the labels are the split engine's. Suffixes with any other operation, a model whose
+logits cannot be read, or TF32 precision keep the plain split engine.
 """
 
 from __future__ import annotations
@@ -50,6 +58,9 @@ FLOAT64_COST = 3.0
 WORTH = 0.75
 _SUMS = {operator.add, torch.add, operator.sub, torch.sub}
 _SCALES = {operator.mul, torch.mul, operator.truediv, torch.div}
+#: how a node's value is had at a step: unchanged by pruning, updated in float64 by its change,
+#: or recomputed in float32 from its inputs
+CONSTANT, UPDATED, RECOMPUTED = "constant", "updated", "recomputed"
 
 
 @dataclass
@@ -63,8 +74,9 @@ class _Block:
     def stop(self) -> int:
         return self.start + self.values.shape[1]
 
-    def dense(self, like: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros((len(self.values), *like.shape[1:]), dtype=like.dtype, device=like.device)
+    def dense(self, shape: torch.Size) -> torch.Tensor:
+        """The change in full, for values of per-image ``shape``."""
+        out = self.values.new_zeros((len(self.values), *shape))
         out[:, self.start:self.stop] = self.values
         return out
 
@@ -73,34 +85,46 @@ def _scalar(value) -> bool:
     return isinstance(value, (int, float))
 
 
+def _without_inplace(suffix: fx.GraphModule, dtype: torch.dtype) -> fx.GraphModule:
+    """A copy of ``suffix`` in ``dtype`` whose operations never overwrite their input (values are
+    kept per node)."""
+    gm = copy.deepcopy(suffix).to(dtype).eval()
+    for module in gm.modules():
+        if getattr(module, "inplace", False):
+            module.inplace = False
+    for node in gm.graph.nodes:
+        if node.kwargs.get("inplace"):
+            node.kwargs = {**node.kwargs, "inplace": False}
+    return gm
+
+
 class IncrementalSuffix:
-    """The layers after a split, in float64, updated step by step (see the module docstring)."""
+    """The layers after a split, updated step by step (see the module docstring)."""
 
     def __init__(self, suffix: fx.GraphModule, depth: int) -> None:
-        self.gm = copy.deepcopy(suffix).double().eval()
-        for module in self.gm.modules():  # values are kept per node: nothing may overwrite its input
-            if getattr(module, "inplace", False):
-                module.inplace = False
-        for node in self.gm.graph.nodes:
-            if node.kwargs.get("inplace"):
-                node.kwargs = {**node.kwargs, "inplace": False}
-        self.nodes = [n for n in self.gm.graph.nodes if n.op != "output"]
+        self.gm = _without_inplace(suffix, torch.float64)  # the updated layers' weights
+        self.gm32 = _without_inplace(suffix, torch.float32)  # the recomputed layers'
+        self.nodes = [n for n in self.gm.graph.nodes if n.op != "output"]  # targets shared by gm32
         self.logits = next(n for n in self.gm.graph.nodes if n.op == "output").args[0]
         if not isinstance(self.logits, fx.Node):
             raise BdpruningError("the suffix does not return one tensor of logits")
         self.split = self.nodes[0]
         self.depth = depth
         self.fallbacks = 0  # images re-run in float32 because their margin was within the bound
-        self.updates = 0  # images whose logits were updated incrementally
+        self.updates = 0  # images whose logits were had without re-running the suffix
         self._worth: bool | None = None
+        self.shapes: dict = {}  # each updated node's per-image shape (set by start)
         for node in self.nodes:
             if not self._known(node):
                 raise BdpruningError(f"the incremental sweep does not know {node.op} {node.target}")
-        self.recomputed = {node for node in self.nodes if self._nonlinear(node)}
-        # the values a step reads: the split's (the next channel), the logits, and a
-        # nonlinearity's input and output; the others only pass their change on
-        self.kept = {self.split, self.logits, *self.recomputed,
-                     *(arg for node in self.recomputed for arg in node.all_input_nodes)}
+        self.kinds, self.blocks = self._classify()
+        recomputed = [n for n in self.nodes if self.kinds[n] == RECOMPUTED]
+        # the float64 values a step reads: the split's (the next channel), the recomputed
+        # layers' updated inputs, and the logits when they are updated
+        self.kept = {self.split, *(a for n in recomputed for a in n.all_input_nodes if self.kinds[a] == UPDATED)}
+        if self.kinds[self.logits] == UPDATED:
+            self.kept.add(self.logits)
+        self.constants = {a for n in recomputed for a in n.all_input_nodes if self.kinds[a] == CONSTANT}
 
     def _module(self, node: fx.Node) -> nn.Module:
         return self.gm.get_submodule(node.target)
@@ -137,45 +161,81 @@ class IncrementalSuffix:
         return node.op in ("call_function", "call_method") and (
             node.target in _NONLINEAR_FUNCTIONS or node.target in _NONLINEAR_METHODS)
 
-    # --- full evaluation ------------------------------------------------------------------
+    def _classify(self) -> tuple[dict, dict]:
+        """Each node's kind, and whether its change is one block of channels (always, by the
+        graph alone: a block stays a block through per-channel layers with one changed input)."""
+        kinds: dict = {self.split: UPDATED}
+        blocks: dict = {self.split: True}
+        for node in self.nodes[1:]:
+            changed = [a for a in node.all_input_nodes if kinds[a] != CONSTANT]
+            module = self._module(node) if node.op == "call_module" else None
+            if not changed:
+                kinds[node], blocks[node] = CONSTANT, False
+            elif any(kinds[a] == RECOMPUTED for a in changed) or self._nonlinear(node):
+                kinds[node], blocks[node] = RECOMPUTED, False
+            elif isinstance(module, (nn.Conv2d, nn.Linear)):
+                # from one block: a small share of the layer's work; from a dense change: all of it
+                kinds[node] = UPDATED if blocks[changed[0]] else RECOMPUTED
+                blocks[node] = False
+            else:  # per-channel or elementwise: as cheap updated as recomputed
+                kinds[node], blocks[node] = UPDATED, len(changed) == 1 and blocks[changed[0]]
+        return kinds, blocks
 
-    def _run(self, node: fx.Node, env: dict):
-        args = fx.graph.map_arg(node.args, lambda n: env[n])
-        kwargs = fx.graph.map_arg(node.kwargs, lambda n: env[n])
+    # --- values ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _call(gm: fx.GraphModule, node: fx.Node, args: tuple, kwargs: dict):
         if node.op == "get_attr":
-            value = self.gm
+            value = gm
             for part in node.target.split("."):
                 value = getattr(value, part)
             return value
         if node.op == "call_module":
-            return self._module(node)(*args, **kwargs)
+            return gm.get_submodule(node.target)(*args, **kwargs)
         if node.op == "call_function":
             return node.target(*args, **kwargs)
         return getattr(args[0], node.target)(*args[1:], **kwargs)
 
-    @torch.inference_mode()
-    def start(self, values: tuple) -> dict:
-        """The float64 value of every node for a chunk of prefix outputs (nothing pruned)."""
+    def _evaluate(self, gm: fx.GraphModule, nodes, values: tuple, dtype: torch.dtype) -> dict:
+        """Every node of ``nodes`` (an initial run of the graph) on the prefix outputs ``values``."""
         env: dict = {}
         inputs = iter(values)
-        for node in self.nodes:
-            value = next(inputs).double() if node.op == "placeholder" else self._run(node, env)
+        for node in nodes:
+            if node.op == "placeholder":
+                value = next(inputs)
+                value = value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+            else:
+                args = fx.graph.map_arg(node.args, lambda n: env[n])
+                kwargs = fx.graph.map_arg(node.kwargs, lambda n: env[n])
+                value = self._call(gm, node, args, kwargs)
             if isinstance(value, torch.Tensor) and value._base is not None:
                 value = value.clone()  # a view (flatten) must not alias the value it was taken from
             env[node] = value
         return env
 
+    @torch.inference_mode()
+    def start(self, values: tuple) -> dict:
+        """The values a step reads for a chunk of prefix outputs (nothing pruned): the kept
+        updated ones in float64, the constants the recomputed layers read in float32."""
+        env = self._evaluate(self.gm, [n for n in self.nodes if self.kinds[n] != RECOMPUTED], values, torch.float64)
+        self.shapes = {node: value.shape[1:] for node, value in env.items() if isinstance(value, torch.Tensor)}
+        # contiguous: a channel's slice is then one block of memory per image
+        state = {node: env[node].contiguous() for node in self.kept}
+        if self.constants:
+            wanted = [n for n in self.nodes if self.kinds[n] == CONSTANT or n.op == "placeholder"]
+            env = self._evaluate(self.gm32, wanted, values, torch.float32)
+            state.update({node: env[node] for node in self.constants})
+        return state
+
     # --- one step --------------------------------------------------------------------------
 
-    def _delta(self, node: fx.Node, changes: dict, env: dict, rows: torch.Tensor):
-        """The change of ``node``'s value on ``rows`` (a :class:`_Block`, a tensor, or None)."""
+    def _change(self, node: fx.Node, changes: dict):
+        """The change of an updated ``node``'s value (a :class:`_Block`, a tensor, or None)."""
         changed = [a for a in node.all_input_nodes if changes.get(a) is not None]
         if not changed:
             return None
-        if node in self.recomputed:
-            return self._recompute(node, env, rows)
         if node.op == "call_module":
-            return self._linear_module(self._module(node), changes[changed[0]], env[changed[0]])
+            return self._linear_module(self._module(node), changes[changed[0]])
         if node.target in _SUMS:
             a, b = (changes.get(arg) if isinstance(arg, fx.Node) else None for arg in node.args)
             if b is None:
@@ -184,27 +244,25 @@ class IncrementalSuffix:
                 b = _Block(b.start, -b.values) if isinstance(b, _Block) else -b
             if a is None:
                 return b
-            like = env[node]
             if isinstance(a, _Block) and isinstance(b, _Block) and (a.start, a.stop) == (b.start, b.stop):
                 return _Block(a.start, a.values + b.values)
-            a = a.dense(like) if isinstance(a, _Block) else a
-            b = b.dense(like) if isinstance(b, _Block) else b
-            return a + b
+            shape = self.shapes[node]
+            return (a.dense(shape) if isinstance(a, _Block) else a) + (b.dense(shape) if isinstance(b, _Block) else b)
         change = changes[node.args[0]]
         if node.target in _SCALES:
             op = node.target
             return _Block(change.start, op(change.values, node.args[1])) if isinstance(change, _Block) \
                 else op(change, node.args[1])
-        return self._flatten(change, env[node.args[0]])  # torch.flatten / .flatten(1)
+        return self._flatten(change)  # torch.flatten / .flatten(1)
 
     @staticmethod
-    def _flatten(change, value: torch.Tensor):
+    def _flatten(change):
         if isinstance(change, _Block):
-            inner = math.prod(value.shape[2:])
+            inner = math.prod(change.values.shape[2:])
             return _Block(change.start * inner, change.values.reshape(len(change.values), -1))
         return change.flatten(1)
 
-    def _linear_module(self, module: nn.Module, change, value: torch.Tensor):
+    def _linear_module(self, module: nn.Module, change):
         block = isinstance(change, _Block)
         if isinstance(module, nn.Conv2d):
             weight = module.weight[:, change.start:change.stop] if block else module.weight
@@ -222,85 +280,74 @@ class IncrementalSuffix:
                 return _Block(change.start, change.values * scale[change.start:change.stop].view(1, -1, 1, 1))
             return change * scale.view(1, -1, 1, 1)
         if isinstance(module, nn.Flatten):
-            return self._flatten(change, value)
+            return self._flatten(change)
         return _Block(change.start, module(change.values)) if block else module(change)  # pooling, identity
 
-    def _recompute(self, node: fx.Node, env: dict, rows: torch.Tensor) -> torch.Tensor:
-        args = fx.graph.map_arg(node.args, lambda n: env[n][rows] if self._batched(n, env) else env[n])
-        kwargs = fx.graph.map_arg(node.kwargs, lambda n: env[n][rows] if self._batched(n, env) else env[n])
-        if node.op == "call_module":
-            new = self._module(node)(*args, **kwargs)
-        elif node.op == "call_function":
-            new = node.target(*args, **kwargs)
-        else:
-            new = getattr(args[0], node.target)(*args[1:], **kwargs)
-        change = new - env[node][rows]
-        if isinstance(rows, slice):  # set, not added: a recomputed value carries no accumulated round-off
-            env[node] = new
-        else:
-            env[node][rows] = new
-        return change
+    def _recompute(self, node: fx.Node, state: dict, values: dict, active: torch.Tensor) -> torch.Tensor:
+        """``node``'s float32 value on the ``active`` images, from its inputs' current values."""
+        n = len(state[self.split])
+        rows = slice(None) if len(active) == n else active  # no gathering where every image changes
 
-    def _batched(self, node: fx.Node, env: dict) -> bool:
-        return node.op not in ("get_attr",) and isinstance(env[node], torch.Tensor) and env[node].dim() > 0 \
-            and len(env[node]) == len(env[self.split])
+        def read(arg: fx.Node):
+            if arg in values:
+                return values[arg]
+            value = state[arg]
+            if self.kinds[arg] == UPDATED:
+                return value[rows].float()
+            return value[rows] if isinstance(value, torch.Tensor) and value.dim() and len(value) == n else value
+
+        args = fx.graph.map_arg(node.args, read)
+        kwargs = fx.graph.map_arg(node.kwargs, read)
+        return self._call(self.gm32, node, args, kwargs)
 
     @torch.inference_mode()
-    def step(self, env: dict, active: torch.Tensor, channel: int) -> torch.Tensor:
+    def step(self, state: dict, active: torch.Tensor, channel: int) -> torch.Tensor:
         """Prune ``channel`` at the split for the images ``active`` of the chunk (those where
-        it is non-zero): update the values in ``env`` and return their float64 logits."""
-        n = len(env[self.split])
+        it is non-zero): update ``state`` and return their logits (float32 where recomputed)."""
+        n = len(state[self.split])
         # on the other images the change is exactly zero: when most images change, updating
         # them all (views, no gathering) is cheaper than indexing the rows that do
         rows = slice(None) if 2 * len(active) > n else active
-        changes: dict = {self.split: _Block(channel, -env[self.split][rows, channel:channel + 1])}
+        changes: dict = {self.split: _Block(channel, -state[self.split][rows, channel:channel + 1])}
+        values: dict = {}  # the recomputed nodes' float32 values on the active images
         for node in self.nodes:
-            if node is not self.split:
-                changes[node] = self._delta(node, changes, env, rows)
-            change = changes[node]
-            if change is None:
-                continue
-            if node not in self.kept or node in self.recomputed:  # unread, or already set
-                pass
-            elif isinstance(change, _Block):
-                env[node][rows, change.start:change.stop] += change.values
-            else:
-                env[node][rows] += change
+            if self.kinds[node] == UPDATED:
+                change = changes[node] if node is self.split else self._change(node, changes)
+                changes[node] = change
+                if change is not None and node in self.kept:
+                    if isinstance(change, _Block):
+                        state[node][rows, change.start:change.stop] += change.values
+                    else:
+                        state[node][rows] += change
+            elif self.kinds[node] == RECOMPUTED:
+                values[node] = self._recompute(node, state, values, active)
             if node is self.logits:
                 break
         self.updates += len(active)
-        return env[self.logits][active]
+        return values[self.logits] if self.logits in values else state[self.logits][active]
 
-    def cost_ratio(self, env: dict) -> float:
-        """The estimated cost of one incremental step over one re-run of the float32 suffix, per
-        image, from the chunk's shapes: multiply-adds of the convolutions and dense layers (on
-        the changed block only while the change is one block), float64 counted as
-        :data:`FLOAT64_COST` float32 operations, and each value a step rewrites."""
+    def cost_ratio(self, values: tuple) -> float:
+        """The estimated cost of one step over one re-run of the float32 suffix, per image, on
+        the prefix outputs ``values``: multiply-adds of the convolutions and dense layers (an
+        updated one's on the pruned channel's share only), float64 counted as
+        :data:`FLOAT64_COST` float32 operations, and each value a step writes."""
+        env = self._evaluate(self.gm32, self.nodes, values, torch.float32)
         n = len(env[self.split])
-        widths: dict = {self.split: 1}  # a block's width along dimension 1, "dense", or None
+        share = 1.0 / env[self.split].shape[1]  # one channel's, also after a flatten
         suffix = step = 0.0
         for node in self.nodes[1:]:
-            inputs = [widths.get(a) for a in node.all_input_nodes if widths.get(a) is not None]
-            width = None if not inputs else (inputs[0] if len(inputs) == 1 else "dense")
             value = env[node]
             per_image = value.numel() / n if isinstance(value, torch.Tensor) else 0.0
             module = self._module(node) if node.op == "call_module" else None
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
-                fan_in, columns = module.weight[0].numel(), module.weight.shape[1]
-                suffix += per_image * fan_in
-                if width is not None:
-                    step += per_image * fan_in * (1 if width == "dense" else width / columns)
-                    width = "dense"
-            elif node in self.recomputed and width is not None:
-                width = "dense"
-            elif isinstance(width, int) and (isinstance(module, nn.Flatten) or node.target in (torch.flatten, "flatten")):
-                width *= math.prod(env[node.all_input_nodes[0]].shape[2:])
-            if width == "dense":
-                step += 3 * per_image  # the change, the update, the recomputation's read
-            widths[node] = width
-            if node is self.logits:
-                break
-        return FLOAT64_COST * step / max(suffix, 1.0)
+            macs = per_image * module.weight[0].numel() if isinstance(module, (nn.Conv2d, nn.Linear)) else 0.0
+            suffix += macs
+            if self.kinds[node] == RECOMPUTED:
+                step += macs + per_image
+            elif self.kinds[node] == UPDATED:
+                source = next(a for a in node.all_input_nodes if self.kinds[a] != CONSTANT)
+                block = share if self.blocks[source] else 1.0
+                step += FLOAT64_COST * (macs * block + 2 * per_image * (share if self.blocks[node] else 1.0))
+        return step / max(suffix, 1.0)
 
     def worth(self, values: tuple) -> bool:
         """Whether the incremental path is estimated cheaper than re-running the float32 suffix
@@ -308,18 +355,19 @@ class IncrementalSuffix:
         if self._worth is None:
             one = tuple(v[:1] if isinstance(v, torch.Tensor) and v.dim() and len(v) == len(values[0]) else v
                         for v in values)
-            self._worth = self.cost_ratio(self.start(one)) <= WORTH
+            self._worth = self.cost_ratio(one) <= WORTH
         return self._worth
 
     def unsure(self, logits: torch.Tensor) -> torch.Tensor:
-        """Images whose float32 top-1 may differ from the float64 one: top-2 margin within twice
-        the round-off bound (plus the float64 updates' own, far smaller, error)."""
+        """Images whose float32 suffix's top-1 may differ from this one: top-2 margin within
+        twice the round-off bound of each (float64 logits carry none a float32 one could see)."""
         if logits.shape[1] < 2:
             return torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
         top2 = logits.topk(2, dim=1).values
         scale = logits.abs().amax(dim=1).clamp_min(1.0)
         bound = LAMBDA * math.sqrt(self.depth) * UNIT_ROUNDOFF * scale
-        return top2[:, 0] - top2[:, 1] <= 2.0 * bound * (1 + 1e-6)
+        own = bound if logits.dtype != torch.float64 else 0.0
+        return top2[:, 0] - top2[:, 1] <= 2.0 * (bound + own) * (1 + 1e-6)
 
 
 def _fp32_exact() -> bool:
