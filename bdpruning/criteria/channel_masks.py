@@ -5,7 +5,9 @@ perturbations ``delta_k``, ``xi_k``). They act on the channel's *scaled module*:
 that follows the conv, or the conv itself when none does (DeepID has none). Scaling a module's
 weight by ``a`` and its bias by ``b`` is the same as mapping its output ``y`` to
 ``a * (y - bias) + b * bias`` (both are linear in the weight), so one forward hook does it, on
-any architecture, without touching the weights::
+any architecture, without touching the weights. That map is an inference-mode batch norm (mean
+``bias``, variance 1, eps 0, weight ``a``, shift ``b * bias``), which PyTorch runs in one fused pass
+over the activations each way (spelled out, a subtraction, a product and a sum take three)::
 
     masks = ChannelMasks(model, ["conv_1", "conv_2"])   # hooks installed; masks start at 1
     masks.perturbed = True                              # ANP: weight x (m + delta), bias x (1 + xi)
@@ -18,6 +20,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..errors import BdpruningError
 from ..pruning.masks import following_batchnorm
@@ -117,9 +120,10 @@ class _ScaleHook:
         bias = getattr(module, "bias", None)
         if bias is None:
             return output * scale.view(shape)
-        bias = bias.view(shape)
-        kept = bias if bias_scale is None else bias * bias_scale.view(shape)
-        return (output - bias) * scale.view(shape) + kept
+        kept = bias if bias_scale is None else bias * bias_scale
+        if bias.requires_grad:  # batch_norm does not differentiate its mean: spell the map out
+            return (output - bias.view(shape)) * scale.view(shape) + kept.view(shape)
+        return F.batch_norm(output, bias, torch.ones_like(bias), scale, kept, training=False, momentum=0.0, eps=0.0)
 
 
 #: Mask thresholds whose accuracy and ASR a sweep reports (and the criterion's own).
