@@ -6,22 +6,24 @@ Pruning channel ``c`` at the split subtracts ``c``'s values there. Through a lin
 propagates as the layer applied to the change alone, and while it is one channel (a block of
 columns after a flatten) the layer's work is a small fraction of its cost: a conv on one input
 channel, a dense layer on one block of columns. Those layers are *updated*: their values are held
-in float64, per image, for the whole chunk, and each step adds the change. A layer the change
-reaches spread over every channel, or a nonlinearity (ReLU, max pooling), and everything after
-it are *recomputed* in float32 from the updated values, on the images the step changes.
+per image for the whole chunk, and each step adds the change. A layer the change reaches spread
+over every channel, or a nonlinearity (ReLU, max pooling), and everything after it are
+*recomputed* from the updated values, on the images the step changes. All in float32.
 
 For DeepID split at ``pool_3``: ``fc_1`` and ``conv_4`` are updated from the pruned channel alone,
 and conv_4's ReLU, ``fc_2``, the sum, its ReLU and the output layer are recomputed: about a third
 of the suffix's multiply-adds.
 
-The logits decide an image's label where round-off cannot: the float64 updates carry no round-off
-a float32 computation could see, and the float32 recomputation is part of the model's path, so
-its logits lie within the float32 bound ``delta = LAMBDA sqrt(N) u S`` of
-:mod:`bdpruning.numerics.roundoff` (``N`` the model's accumulation depth) of the exact ones, as the
-float32 suffix the split engine runs does. Where the top-2 margin exceeds ``2 (delta + delta)``,
-both give the exact top-1. The other images are re-run through that float32 suffix exactly as
-before, so the labels are the split engine's. Suffixes with any other operation, a model whose
-logits cannot be read, or TF32 precision keep the plain split engine.
+The logits decide an image's label where round-off cannot. The float32 suffix the split engine
+runs lies within ``delta = LAMBDA sqrt(N) u S`` of the exact logits (the bound of
+:mod:`bdpruning.numerics.roundoff`, ``N`` the model's accumulation depth). The updated logits are a
+float32 computation of the same function along a longer path: after ``k`` steps, each update
+has added its own products (the pruned channel's share of each updated layer's fan-in) and one
+addition per updated value, so their depth is ``N_k = N + k d`` (``d`` those per step) and they
+lie within ``delta_k = LAMBDA sqrt(N_k) u S``. Where the top-2 margin exceeds
+``2 (delta + delta_k)``, both give the exact top-1; the other images are re-run through the
+float32 suffix exactly as before, so the labels are the split engine's. Suffixes with any other
+operation, a model whose logits cannot be read, or TF32 precision keep the plain split engine.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from ..models.outputs import logits_model
 from ..models.record import model_info
 from ..numerics.roundoff import LAMBDA, UNIT_ROUNDOFF, accumulation_depth
 
-__all__ = ["IncrementalSuffix", "incremental_suffix"]
+__all__ = ["ChunkState", "IncrementalSuffix", "incremental_suffix"]
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +54,12 @@ _NONLINEAR_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.MaxPool2d, nn.Adaptive
 _NONLINEAR_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.max_pool2d, F.adaptive_max_pool2d,
                         torch.sigmoid, torch.tanh}
 _NONLINEAR_METHODS = {"relu", "sigmoid", "tanh"}
-#: float64 work per operation, in float32 operations (half the SIMD width, slower kernels)
-FLOAT64_COST = 3.0
 #: the incremental path is used where it is estimated at most this share of a suffix re-run
 WORTH = 0.75
 _SUMS = {operator.add, torch.add, operator.sub, torch.sub}
 _SCALES = {operator.mul, torch.mul, operator.truediv, torch.div}
-#: how a node's value is had at a step: unchanged by pruning, updated in float64 by its change,
-#: or recomputed in float32 from its inputs
+#: how a node's value is had at a step: unchanged by pruning, updated by its change, or
+#: recomputed from its inputs
 CONSTANT, UPDATED, RECOMPUTED = "constant", "updated", "recomputed"
 
 
@@ -85,10 +85,18 @@ def _scalar(value) -> bool:
     return isinstance(value, (int, float))
 
 
-def _without_inplace(suffix: fx.GraphModule, dtype: torch.dtype) -> fx.GraphModule:
-    """A copy of ``suffix`` in ``dtype`` whose operations never overwrite their input (values are
+@dataclass
+class ChunkState:
+    """One chunk's values that the steps read and update, and how many steps have updated them."""
+
+    values: dict
+    steps: int = 0
+
+
+def _without_inplace(suffix: fx.GraphModule) -> fx.GraphModule:
+    """A float32 copy of ``suffix`` whose operations never overwrite their input (values are
     kept per node)."""
-    gm = copy.deepcopy(suffix).to(dtype).eval()
+    gm = copy.deepcopy(suffix).float().eval()
     for module in gm.modules():
         if getattr(module, "inplace", False):
             module.inplace = False
@@ -102,9 +110,8 @@ class IncrementalSuffix:
     """The layers after a split, updated step by step (see the module docstring)."""
 
     def __init__(self, suffix: fx.GraphModule, depth: int) -> None:
-        self.gm = _without_inplace(suffix, torch.float64)  # the updated layers' weights
-        self.gm32 = _without_inplace(suffix, torch.float32)  # the recomputed layers'
-        self.nodes = [n for n in self.gm.graph.nodes if n.op != "output"]  # targets shared by gm32
+        self.gm = _without_inplace(suffix)
+        self.nodes = [n for n in self.gm.graph.nodes if n.op != "output"]
         self.logits = next(n for n in self.gm.graph.nodes if n.op == "output").args[0]
         if not isinstance(self.logits, fx.Node):
             raise BdpruningError("the suffix does not return one tensor of logits")
@@ -114,13 +121,14 @@ class IncrementalSuffix:
         self.updates = 0  # images whose logits were had without re-running the suffix
         self._worth: bool | None = None
         self.shapes: dict = {}  # each updated node's per-image shape (set by start)
+        self.step_depth = 1.0  # the accumulation depth one step adds (set by start)
         for node in self.nodes:
             if not self._known(node):
                 raise BdpruningError(f"the incremental sweep does not know {node.op} {node.target}")
         self.kinds, self.blocks = self._classify()
         recomputed = [n for n in self.nodes if self.kinds[n] == RECOMPUTED]
-        # the float64 values a step reads: the split's (the next channel), the recomputed
-        # layers' updated inputs, and the logits when they are updated
+        # the values a step reads: the split's (the next channel), the recomputed layers'
+        # updated inputs, and the logits when they are updated
         self.kept = {self.split, *(a for n in recomputed for a in n.all_input_nodes if self.kinds[a] == UPDATED)}
         if self.kinds[self.logits] == UPDATED:
             self.kept.add(self.logits)
@@ -214,18 +222,32 @@ class IncrementalSuffix:
         return env
 
     @torch.inference_mode()
-    def start(self, values: tuple) -> dict:
-        """The values a step reads for a chunk of prefix outputs (nothing pruned): the kept
-        updated ones in float64, the constants the recomputed layers read in float32."""
-        env = self._evaluate(self.gm, [n for n in self.nodes if self.kinds[n] != RECOMPUTED], values, torch.float64)
+    def start(self, values: tuple) -> ChunkState:
+        """The values the steps read for a chunk of prefix outputs (nothing pruned): the kept
+        updated ones and the constants the recomputed layers read."""
+        env = self._evaluate(self.gm, [n for n in self.nodes if self.kinds[n] != RECOMPUTED], values, torch.float32)
         self.shapes = {node: value.shape[1:] for node, value in env.items() if isinstance(value, torch.Tensor)}
-        # contiguous: a channel's slice is then one block of memory per image
-        state = {node: env[node].contiguous() for node in self.kept}
-        if self.constants:
-            wanted = [n for n in self.nodes if self.kinds[n] == CONSTANT or n.op == "placeholder"]
-            env = self._evaluate(self.gm32, wanted, values, torch.float32)
-            state.update({node: env[node] for node in self.constants})
-        return state
+        self.step_depth = self._step_depth(env[self.split].shape[1])
+        # a private copy of each (steps write to it), contiguous: a channel's slice is then one
+        # block of memory per image
+        kept = {node: env[node].clone(memory_format=torch.contiguous_format) for node in self.kept}
+        return ChunkState({**kept, **{node: env[node] for node in self.constants}})
+
+    def _step_depth(self, channels: int) -> float:
+        """Products and additions one step adds along the updated layers: one channel's share
+        (of ``channels`` at the split) of each updated conv or dense layer's fan-in, one for each
+        other updated operation, and one for adding the change to the kept value."""
+        depth = 1.0
+        for node in self.nodes[1:]:
+            if self.kinds[node] == UPDATED:
+                module = self._module(node) if node.op == "call_module" else None
+                linear = isinstance(module, (nn.Conv2d, nn.Linear))
+                depth += module.weight[0].numel() / channels if linear else 1.0
+        return depth
+
+    def rounding_depth(self, state: ChunkState) -> float:
+        """The accumulation depth of the logits after ``state``'s steps: ``N + k d``."""
+        return self.depth + state.steps * self.step_depth
 
     # --- one step --------------------------------------------------------------------------
 
@@ -264,14 +286,11 @@ class IncrementalSuffix:
 
     def _linear_module(self, module: nn.Module, change):
         block = isinstance(change, _Block)
-        if isinstance(module, nn.Conv2d):
-            weight = module.weight[:, change.start:change.stop] if block else module.weight
-            return F.conv2d(change.values if block else change, weight, None, module.stride, module.padding,
-                            module.dilation)
+        if isinstance(module, nn.Conv2d):  # updated from one block only (see _classify)
+            return F.conv2d(change.values, module.weight[:, change.start:change.stop], None, module.stride,
+                            module.padding, module.dilation)
         if isinstance(module, nn.Linear):
-            if block:
-                return change.values @ module.weight[:, change.start:change.stop].T
-            return change @ module.weight.T
+            return change.values @ module.weight[:, change.start:change.stop].T
         if isinstance(module, nn.BatchNorm2d):
             scale = torch.rsqrt(module.running_var + module.eps)
             if module.weight is not None:
@@ -284,7 +303,7 @@ class IncrementalSuffix:
         return _Block(change.start, module(change.values)) if block else module(change)  # pooling, identity
 
     def _recompute(self, node: fx.Node, state: dict, values: dict, active: torch.Tensor) -> torch.Tensor:
-        """``node``'s float32 value on the ``active`` images, from its inputs' current values."""
+        """``node``'s value on the ``active`` images, from its inputs' current values."""
         n = len(state[self.split])
         rows = slice(None) if len(active) == n else active  # no gathering where every image changes
 
@@ -292,24 +311,26 @@ class IncrementalSuffix:
             if arg in values:
                 return values[arg]
             value = state[arg]
-            if self.kinds[arg] == UPDATED:
-                return value[rows].float()
-            return value[rows] if isinstance(value, torch.Tensor) and value.dim() and len(value) == n else value
+            if self.kinds[arg] == UPDATED or isinstance(value, torch.Tensor) and value.dim() and len(value) == n:
+                return value[rows]
+            return value
 
         args = fx.graph.map_arg(node.args, read)
         kwargs = fx.graph.map_arg(node.kwargs, read)
-        return self._call(self.gm32, node, args, kwargs)
+        return self._call(self.gm, node, args, kwargs)
 
     @torch.inference_mode()
-    def step(self, state: dict, active: torch.Tensor, channel: int) -> torch.Tensor:
+    def step(self, chunk: ChunkState, active: torch.Tensor, channel: int) -> torch.Tensor:
         """Prune ``channel`` at the split for the images ``active`` of the chunk (those where
-        it is non-zero): update ``state`` and return their logits (float32 where recomputed)."""
+        it is non-zero): update ``chunk`` and return their logits."""
+        state = chunk.values
+        chunk.steps += 1
         n = len(state[self.split])
         # on the other images the change is exactly zero: when most images change, updating
         # them all (views, no gathering) is cheaper than indexing the rows that do
         rows = slice(None) if 2 * len(active) > n else active
         changes: dict = {self.split: _Block(channel, -state[self.split][rows, channel:channel + 1])}
-        values: dict = {}  # the recomputed nodes' float32 values on the active images
+        values: dict = {}  # the recomputed nodes' values on the active images
         for node in self.nodes:
             if self.kinds[node] == UPDATED:
                 change = changes[node] if node is self.split else self._change(node, changes)
@@ -329,9 +350,8 @@ class IncrementalSuffix:
     def cost_ratio(self, values: tuple) -> float:
         """The estimated cost of one step over one re-run of the float32 suffix, per image, on
         the prefix outputs ``values``: multiply-adds of the convolutions and dense layers (an
-        updated one's on the pruned channel's share only), float64 counted as
-        :data:`FLOAT64_COST` float32 operations, and each value a step writes."""
-        env = self._evaluate(self.gm32, self.nodes, values, torch.float32)
+        updated one's on the pruned channel's share only), and each value a step writes."""
+        env = self._evaluate(self.gm, self.nodes, values, torch.float32)
         n = len(env[self.split])
         share = 1.0 / env[self.split].shape[1]  # one channel's, also after a flatten
         suffix = step = 0.0
@@ -346,7 +366,7 @@ class IncrementalSuffix:
             elif self.kinds[node] == UPDATED:
                 source = next(a for a in node.all_input_nodes if self.kinds[a] != CONSTANT)
                 block = share if self.blocks[source] else 1.0
-                step += FLOAT64_COST * (macs * block + 2 * per_image * (share if self.blocks[node] else 1.0))
+                step += macs * block + 2 * per_image * (share if self.blocks[node] else 1.0)
         return step / max(suffix, 1.0)
 
     def worth(self, values: tuple) -> bool:
@@ -358,16 +378,15 @@ class IncrementalSuffix:
             self._worth = self.cost_ratio(one) <= WORTH
         return self._worth
 
-    def unsure(self, logits: torch.Tensor) -> torch.Tensor:
+    def unsure(self, logits: torch.Tensor, chunk: ChunkState) -> torch.Tensor:
         """Images whose float32 suffix's top-1 may differ from this one: top-2 margin within
-        twice the round-off bound of each (float64 logits carry none a float32 one could see)."""
+        twice the round-off bounds of both, ``2 (delta + delta_k)`` (the module docstring)."""
         if logits.shape[1] < 2:
             return torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
         top2 = logits.topk(2, dim=1).values
         scale = logits.abs().amax(dim=1).clamp_min(1.0)
-        bound = LAMBDA * math.sqrt(self.depth) * UNIT_ROUNDOFF * scale
-        own = bound if logits.dtype != torch.float64 else 0.0
-        return top2[:, 0] - top2[:, 1] <= 2.0 * (bound + own) * (1 + 1e-6)
+        bounds = math.sqrt(self.depth) + math.sqrt(self.rounding_depth(chunk))
+        return top2[:, 0] - top2[:, 1] <= 2.0 * LAMBDA * bounds * UNIT_ROUNDOFF * scale * (1 + 1e-6)
 
 
 def _fp32_exact() -> bool:

@@ -54,9 +54,10 @@ def chunk_predictions(suffix: nn.Module, values: tuple, order: Sequence[int],
                       incremental: IncrementalSuffix | None = None, force: bool = False) -> Iterator[torch.Tensor]:
     """Yield the top-1 labels of one chunk of prefix outputs at step 0 (nothing pruned), then
     after each step of ``order`` (channels at the split). With ``incremental``, the logits of
-    the images a step changes are updated in float64 and only those whose margin lies within
-    the round-off bound re-run ``suffix`` (:mod:`bdpruning.sweep.incremental`), where that is
-    estimated cheaper than re-running ``suffix`` (always with ``force``)."""
+    the images a step changes are updated by the pruned channel's contribution and only those
+    whose margin lies within the round-off bounds re-run ``suffix``
+    (:mod:`bdpruning.sweep.incremental`), where that is estimated cheaper than re-running
+    ``suffix`` (always with ``force``)."""
     value, others = values[0], values[1:]
     n = value.shape[0]
     batched = _batched(others, n)
@@ -67,12 +68,15 @@ def chunk_predictions(suffix: nn.Module, values: tuple, order: Sequence[int],
 
     predictions = suffix(value, *others).argmax(dim=1)
     yield predictions
-    masked = value.clone()
     worth = incremental is not None and order and (force or incremental.worth(values))
     state = incremental.start(values) if worth else None
+    # the split's values as pruned so far: the incremental steps zero the pruned channel in the
+    # state's own copy (read here before each step); without them, a copy zeroed here
+    masked = value.clone() if state is None else state.values[incremental.split]
     for channel in order:
         active = masked[:, channel].reshape(n, -1).ne(0).any(dim=1).nonzero().squeeze(1)
-        masked[:, channel] = 0
+        if state is None:
+            masked[:, channel] = 0
         if active.numel():
             predictions = predictions.clone()
             if state is None:
@@ -80,7 +84,7 @@ def chunk_predictions(suffix: nn.Module, values: tuple, order: Sequence[int],
             else:
                 logits = incremental.step(state, active, channel)
                 labels = logits.argmax(dim=1)
-                unsure = incremental.unsure(logits).nonzero().squeeze(1)
+                unsure = incremental.unsure(logits, state).nonzero().squeeze(1)
                 if unsure.numel():
                     incremental.fallbacks += unsure.numel()
                     labels[unsure] = rerun(active[unsure])
