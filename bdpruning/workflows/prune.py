@@ -22,7 +22,9 @@ from typing import Sequence
 from torch import nn
 
 from ..criteria.base import Criterion
+from ..data.forms import as_image_data
 from ..data.hdf5 import H5ImageSet, read_h5_dataset
+from ..evaluation.predict import predict_labels
 from ..models import model_info
 from ..evaluation.chance import check_not_chance
 from ..models.loading import load_model
@@ -38,6 +40,9 @@ __all__ = ["load_inputs", "prune_stage", "prune_model", "defend_model", "save_re
 
 log = logging.getLogger(__name__)
 
+#: Clean images a first look at the baseline reads before the sweep starts.
+FIRST_LOOK = 1024
+
 
 def load_inputs(model_path: str | os.PathLike[str], clean_valid: str | os.PathLike[str],
                 poisoned_valid: str | os.PathLike[str] | None, device: str,
@@ -49,6 +54,15 @@ def load_inputs(model_path: str | os.PathLike[str], clean_valid: str | os.PathLi
     clean = read_h5_dataset(clean_valid, info.num_classes, info.input_shape)
     poisoned = read_h5_dataset(poisoned_valid, info.num_classes, info.input_shape) if poisoned_valid else None
     return model, clean, poisoned
+
+
+def check_first_look(model: nn.Module, clean: H5ImageSet, where: str) -> None:
+    """Refuse a model whose baseline on the first :data:`FIRST_LOOK` clean images is at chance
+    level (:func:`~bdpruning.evaluation.chance.check_not_chance`), before a sweep spends its time."""
+    images, labels = next(as_image_data(clean).batches(FIRST_LOOK))
+    correct = int((predict_labels(model, (images, labels), FIRST_LOOK) == labels.cpu()).sum())
+    check_not_chance(correct, len(labels), model_info(model).num_classes,
+                     where=f"{where} (its first {len(labels)} images)")
 
 
 def prune_stage(
@@ -84,13 +98,17 @@ def prune_stage(
     None in the extra processes of a ``ddp`` launch. ``max_accuracy_drop`` (points) caps a
     criterion's choice (:mod:`bdpruning.sweep.budget`); the summary shows both. A baseline at
     chance level (the model and the data do not fit) stops the run before anything is written
-    (:func:`~bdpruning.evaluation.chance.check_not_chance`) unless ``allow_chance`` (an untrained
-    model on purpose: a timing run, a test of the mechanics)."""
+    (:func:`~bdpruning.evaluation.chance.check_not_chance`): on the first clean images before the
+    sweep, then on all of them; unless ``allow_chance`` (an untrained model on purpose: a timing
+    run, a test of the mechanics)."""
     out = prepare_out_dir(out, force)
     trainer_options = TrainerOptions.of(trainer_options)
     distributed = criterion is None and trainer_options.devices > 1
     model, clean, poisoned = load_inputs(model_path, clean_valid, poisoned_valid, "cpu" if distributed else device,
                                          model_options)
+    where = f"{model_path} on {clean_valid}"
+    if not allow_chance:
+        check_first_look(model, clean, where)
     sweep = dict(full_sweep=full_sweep, batch_size=batch_size, tf32=tf32)
     if criterion is not None:
         result = sweep_criterion(model, criterion, clean, poisoned, thresholds=thresholds or (), progress=progress,
@@ -108,7 +126,7 @@ def prune_stage(
         return None
     if not allow_chance:
         check_not_chance(round(result.all_steps[0].clean_accuracy * len(clean) / 100), len(clean),
-                         model_info(model).num_classes, where=f"{model_path} on {clean_valid}")
+                         model_info(model).num_classes, where=where)
     inputs = RunInputs(str(model_path), str(clean_valid), None if poisoned_valid is None else str(poisoned_valid),
                        str(next(model.parameters()).device))
     return _save(result, model, out, inputs, force)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -123,3 +124,18 @@ def test_bad_data_and_existing_output_are_refused_without_damage(bd_weights, fac
     assert (out / "keep.txt").read_text() == "earlier results"
 
 
+
+
+def test_a_model_and_data_that_do_not_fit_stop_before_the_sweep(bd_weights, face_set, tmp_path, capsys):
+    """The real Lab-3 net on its faces with the labels shuffled over its 1283 classes: chance
+    level on the first look at the clean set, so the run stops before sweeping, writing nothing."""
+    rng = np.random.default_rng(0)
+    with h5py.File(face_set, "r") as handle:
+        data = handle["data"][()]
+    shuffled = write_h5_set(tmp_path / "shuffled.h5", data, rng.integers(0, 1283, len(data)))
+    out = tmp_path / "out"
+    assert main(["prune", "--model", str(bd_weights), "--clean-valid", str(shuffled), "--out", str(out),
+                 "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert f"(its first {len(data)} images): clean accuracy" in error and "chance level for 1283 classes" in error
+    assert not out.exists()
