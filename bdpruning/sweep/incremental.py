@@ -58,6 +58,8 @@ _NONLINEAR_METHODS = {"relu", "sigmoid", "tanh"}
 WORTH = 0.75
 _SUMS = {operator.add, torch.add, operator.sub, torch.sub}
 _SCALES = {operator.mul, torch.mul, operator.truediv, torch.div}
+#: the most memory the per-channel maps of :meth:`IncrementalSuffix.start` may take
+MAP_BYTES = 64 << 20
 #: how a node's value is had at a step: unchanged by pruning, updated by its change, or
 #: recomputed from its inputs
 CONSTANT, UPDATED, RECOMPUTED = "constant", "updated", "recomputed"
@@ -90,6 +92,7 @@ class ChunkState:
     """One chunk's values that the steps read and update, and how many steps have updated them."""
 
     values: dict
+    joined: torch.Tensor | None = None  # the kept updated values side by side, when they are mapped
     steps: int = 0
 
 
@@ -122,6 +125,9 @@ class IncrementalSuffix:
         self._worth: bool | None = None
         self.shapes: dict = {}  # each updated node's per-image shape (set by start)
         self.step_depth = 1.0  # the accumulation depth one step adds (set by start)
+        self.map_bytes = MAP_BYTES
+        self.maps: torch.Tensor | None = None  # (channels, block, kept width), set by the first start
+        self._mapped: bool | None = None
         for node in self.nodes:
             if not self._known(node):
                 raise BdpruningError(f"the incremental sweep does not know {node.op} {node.target}")
@@ -133,6 +139,7 @@ class IncrementalSuffix:
         if self.kinds[self.logits] == UPDATED:
             self.kept.add(self.logits)
         self.constants = {a for n in recomputed for a in n.all_input_nodes if self.kinds[a] == CONSTANT}
+        self.targets = [n for n in self.nodes if n in self.kept and n is not self.split]  # mapped, in order
 
     def _module(self, node: fx.Node) -> nn.Module:
         return self.gm.get_submodule(node.target)
@@ -226,12 +233,51 @@ class IncrementalSuffix:
         """The values the steps read for a chunk of prefix outputs (nothing pruned): the kept
         updated ones and the constants the recomputed layers read."""
         env = self._evaluate(self.gm, [n for n in self.nodes if self.kinds[n] != RECOMPUTED], values, torch.float32)
-        self.shapes = {node: value.shape[1:] for node, value in env.items() if isinstance(value, torch.Tensor)}
-        self.step_depth = self._step_depth(env[self.split].shape[1])
-        # a private copy of each (steps write to it), contiguous: a channel's slice is then one
-        # block of memory per image
-        kept = {node: env[node].clone(memory_format=torch.contiguous_format) for node in self.kept}
-        return ChunkState({**kept, **{node: env[node] for node in self.constants}})
+        split = env[self.split]
+        if self._mapped is None:
+            self.shapes = {node: value.shape[1:] for node, value in env.items() if isinstance(value, torch.Tensor)}
+            self.maps = self._channel_maps(split)
+            self._mapped = self.maps is not None
+            self.step_depth = self._step_depth(split.shape[1]) + (self.maps.shape[1] if self._mapped else 0)
+        # a private copy of each (steps write to it); the split's contiguous: a channel's slice
+        # is then one block of memory per image
+        kept = {self.split: split.clone(memory_format=torch.contiguous_format)}
+        joined = None
+        if self._mapped:
+            joined = torch.cat([split.new_zeros(len(split), 0), *(env[t].reshape(len(split), -1) for t in self.targets)],
+                               dim=1)
+            offset = 0
+            for target in self.targets:
+                size = math.prod(self.shapes[target])
+                kept[target] = joined[:, offset:offset + size].view(len(split), *self.shapes[target])
+                offset += size
+        else:
+            kept.update({t: env[t].clone(memory_format=torch.contiguous_format) for t in self.targets})
+        return ChunkState({**kept, **{node: env[node] for node in self.constants}}, joined)
+
+    def _channel_maps(self, split: torch.Tensor) -> torch.Tensor | None:
+        """For each channel at the split, the matrix taking its values in one image (flattened)
+        to the changes of every kept updated value (flattened, side by side): the updated
+        layers are linear in them, so pushing each unit value through them once gives it. None
+        where the maps would take more than ``map_bytes``."""
+        channels, block = split.shape[1], math.prod(split.shape[2:])
+        width = sum(math.prod(self.shapes[t]) for t in self.targets)
+        if channels * block * width * split.element_size() > self.map_bytes:
+            log.debug("incremental sweep: maps of %d x %d x %d values exceed %d bytes; layer by layer",
+                      channels, block, width, self.map_bytes)
+            return None
+        units = torch.eye(block, dtype=split.dtype, device=split.device).view(block, 1, *split.shape[2:])
+        maps = split.new_zeros(channels, block, width)
+        for channel in range(channels):
+            changes = self._propagate({self.split: _Block(channel, units)})
+            offset = 0
+            for target in self.targets:
+                shape, change = self.shapes[target], changes[target]
+                if change is not None:
+                    dense = change.dense(shape) if isinstance(change, _Block) else change
+                    maps[channel, :, offset:offset + math.prod(shape)] = dense.reshape(block, -1)
+                offset += math.prod(shape)
+        return maps
 
     def _step_depth(self, channels: int) -> float:
         """Products and additions one step adds along the updated layers: one channel's share
@@ -329,23 +375,41 @@ class IncrementalSuffix:
         # on the other images the change is exactly zero: when most images change, updating
         # them all (views, no gathering) is cheaper than indexing the rows that do
         rows = slice(None) if 2 * len(active) > n else active
-        changes: dict = {self.split: _Block(channel, -state[self.split][rows, channel:channel + 1])}
+        split = state[self.split]
+        if chunk.joined is not None:  # every kept value at once, from the channel's map
+            pruned = split[rows, channel]
+            pruned = pruned.reshape(len(pruned), -1)
+            if isinstance(rows, slice):
+                chunk.joined.addmm_(pruned, self.maps[channel], alpha=-1)
+            else:
+                chunk.joined[rows] -= pruned @ self.maps[channel]
+            split[rows, channel] = 0
+        else:  # layer by layer
+            changes = self._propagate({self.split: _Block(channel, -split[rows, channel:channel + 1])})
+            for node, change in changes.items():
+                if change is None or node not in self.kept:
+                    continue
+                if isinstance(change, _Block):
+                    state[node][rows, change.start:change.stop] += change.values
+                else:
+                    state[node][rows] += change
         values: dict = {}  # the recomputed nodes' values on the active images
         for node in self.nodes:
-            if self.kinds[node] == UPDATED:
-                change = changes[node] if node is self.split else self._change(node, changes)
-                changes[node] = change
-                if change is not None and node in self.kept:
-                    if isinstance(change, _Block):
-                        state[node][rows, change.start:change.stop] += change.values
-                    else:
-                        state[node][rows] += change
-            elif self.kinds[node] == RECOMPUTED:
+            if self.kinds[node] == RECOMPUTED:
                 values[node] = self._recompute(node, state, values, active)
             if node is self.logits:
                 break
         self.updates += len(active)
         return values[self.logits] if self.logits in values else state[self.logits][active]
+
+    def _propagate(self, changes: dict) -> dict:
+        """``changes`` (the split's) with the change of every updated node after it."""
+        for node in self.nodes[1:]:
+            if self.kinds[node] == UPDATED:
+                changes[node] = self._change(node, changes)
+            if node is self.logits:
+                break
+        return changes
 
     def cost_ratio(self, values: tuple) -> float:
         """The estimated cost of one step over one re-run of the float32 suffix, per image, on

@@ -103,7 +103,7 @@ def test_deepid_updates_the_layers_the_channel_reaches_alone_and_recomputes_the_
     one input channel of conv_4) and are updated; conv_4's ReLU spreads the change, so it, fc_2,
     the sum, its ReLU and the output layer are recomputed. Each step adds to the logits' depth
     one channel's share of fc_1's and conv_4's fan-ins (1,200 / 60 and 240 / 60), one for the
-    flatten and one for adding the change."""
+    flatten, one for adding the change and the 20 products of the channel's map (5 x 4 values)."""
     model = small_deepid(pruned=[]).eval()
     engine = SplitEngine(model, "conv_3", "pool_3")
     head = engine.incremental
@@ -114,8 +114,29 @@ def test_deepid_updates_the_layers_the_channel_reaches_alone_and_recomputes_the_
         state = head.start(engine.split.prefix(_digits_like(2, seed=5).contiguous(memory_format=torch.channels_last)))
         for channel in range(3):
             head.step(state, torch.arange(2), channel)
-    assert head.step_depth == 1 + 1200 / 60 + 240 / 60 + 1
+    assert head.maps.shape == (60, 20, 960 + 160)  # to conv_4's and fc_1's values
+    assert head.step_depth == 1 + 1200 / 60 + 240 / 60 + 1 + 20
     assert head.rounding_depth(state) == accumulation_depth(model) + 3 * head.step_depth
+
+
+def test_the_channel_maps_and_the_layer_by_layer_updates_agree():
+    """The same steps with each channel's map and, where the maps would not fit, layer by layer:
+    two float32 computations of the same logits, within both of their round-off bounds."""
+    model = small_deepid(pruned=[]).eval()
+    images = _digits_like(6, seed=6)
+    logits, bounds = [], []
+    for map_bytes in (64 << 20, 0):
+        engine = SplitEngine(model, "conv_3", "pool_3", incremental=True)
+        head = engine.incremental
+        head.map_bytes = map_bytes
+        with torch.inference_mode():
+            state = head.start(engine.split.prefix(images.contiguous(memory_format=torch.channels_last)))
+            steps = [head.step(state, torch.arange(6) if c % 2 else torch.tensor([1, 4]), c) for c in range(0, 60, 7)]
+        assert (head.maps is None) == (map_bytes == 0)
+        logits.append(torch.cat(steps).double())
+        bounds.append(LAMBDA * math.sqrt(head.rounding_depth(state)) * UNIT_ROUNDOFF)
+    scale = logits[1].abs().amax(dim=1, keepdim=True).clamp_min(1.0)
+    assert ((logits[0] - logits[1]).abs() / scale).max() <= sum(bounds)
 
 
 def test_the_incremental_path_is_taken_where_it_is_estimated_cheaper():
