@@ -442,15 +442,17 @@ class IncrementalSuffix:
             self._worth = self.cost_ratio(one) <= WORTH
         return self._worth
 
-    def unsure(self, logits: torch.Tensor, chunk: ChunkState) -> torch.Tensor:
-        """Images whose float32 suffix's top-1 may differ from this one: top-2 margin within
-        twice the round-off bounds of both, ``2 (delta + delta_k)`` (the module docstring)."""
+    def decide(self, logits: torch.Tensor, chunk: ChunkState) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top-1 labels of ``logits`` and where the float32 suffix's top-1 may differ: top-2
+        margin within twice the round-off bounds of both, ``2 (delta + delta_k)`` (the module
+        docstring)."""
         if logits.shape[1] < 2:
-            return torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
-        top2 = logits.topk(2, dim=1).values
-        scale = logits.abs().amax(dim=1).clamp_min(1.0)
+            return logits.argmax(dim=1), torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
+        top2 = logits.topk(2, dim=1)
+        first, second = top2.values.unbind(dim=1)
+        scale = torch.maximum(first.abs(), logits.amin(dim=1).abs()).clamp_min(1.0)  # the largest |logit|
         bounds = math.sqrt(self.depth) + math.sqrt(self.rounding_depth(chunk))
-        return top2[:, 0] - top2[:, 1] <= 2.0 * LAMBDA * bounds * UNIT_ROUNDOFF * scale * (1 + 1e-6)
+        return top2.indices[:, 0], first - second <= 2.0 * LAMBDA * bounds * UNIT_ROUNDOFF * scale * (1 + 1e-6)
 
 
 def _fp32_exact() -> bool:

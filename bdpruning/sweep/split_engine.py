@@ -74,7 +74,7 @@ def chunk_predictions(suffix: nn.Module, values: tuple, order: Sequence[int],
     # state's own copy (read here before each step); without them, a copy zeroed here
     masked = value.clone() if state is None else state.values[incremental.split]
     for channel in order:
-        active = masked[:, channel].reshape(n, -1).ne(0).any(dim=1).nonzero().squeeze(1)
+        active = masked[:, channel].reshape(n, -1).any(dim=1).nonzero().squeeze(1)
         if state is None:
             masked[:, channel] = 0
         if active.numel():
@@ -83,8 +83,8 @@ def chunk_predictions(suffix: nn.Module, values: tuple, order: Sequence[int],
                 predictions[active] = rerun(active)
             else:
                 logits = incremental.step(state, active, channel)
-                labels = logits.argmax(dim=1)
-                unsure = incremental.unsure(logits, state).nonzero().squeeze(1)
+                labels, unsure = incremental.decide(logits, state)
+                unsure = unsure.nonzero().squeeze(1)
                 if unsure.numel():
                     incremental.fallbacks += unsure.numel()
                     labels[unsure] = rerun(active[unsure])
