@@ -31,7 +31,7 @@ import functools
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -120,6 +120,7 @@ class ANP(TrainedCriterion):
     mask_lr: float = 0.2
     clip_noise: bool = False
     name: str = "anp"
+    overflow_hint: ClassVar[str] = "try a smaller perturbation (--eps) or mask step (--alpha)"
 
     def check(self) -> None:
         """Refuse settings that cannot run."""

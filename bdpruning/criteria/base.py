@@ -17,7 +17,7 @@ from ..data.forms import DataLike
 from ..errors import BdpruningError
 from ..graph.layers import find_layer
 
-__all__ = ["ChannelScores", "Criterion", "conv_layers", "order_by"]
+__all__ = ["ChannelScores", "Criterion", "check_settings", "conv_layers", "order_by"]
 
 
 @dataclass
@@ -79,6 +79,14 @@ class Criterion(Protocol):
     def score(self, model: nn.Module, clean: DataLike | None = None) -> ChannelScores:
         """The model's channel scores; ``model`` is left unchanged."""
         ...
+
+
+def check_settings(criterion: object, model: nn.Module) -> None:
+    """Refuse a criterion's settings that cannot run on ``model`` (its own checks, its layers)
+    before any data is read."""
+    getattr(criterion, "validate", lambda: None)()
+    if hasattr(criterion, "layers"):
+        conv_layers(model, criterion.layers)
 
 
 def conv_layers(model: nn.Module, layers: Sequence[str] | None = None) -> list[str]:

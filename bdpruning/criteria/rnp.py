@@ -33,6 +33,7 @@ import functools
 import logging
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -87,6 +88,8 @@ class RNP(TrainedCriterion):
     recover_epochs: int = 20
     stop_per_batch: bool = False
     name: str = "rnp"
+    overflow_hint: ClassVar[str] = ("RNP's unlearning drove the model far past chance: try stop_per_batch "
+                                    "(--rnp-stop-per-batch), which stops it at the first batch at the stop accuracy")
 
     def check(self) -> None:
         """Refuse settings that cannot run."""

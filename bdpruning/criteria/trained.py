@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -42,6 +42,8 @@ class TrainedCriterion:
     trainer_options: TrainerOptions | dict = field(default_factory=TrainerOptions)
     keep_shift: bool = True
     name: str = "trained"
+    #: what to try when the masks overflow
+    overflow_hint: ClassVar[str] = "try a smaller learning rate"
 
     def shared_settings(self) -> dict:
         return {"images": self.images, "threshold": self.threshold, "count": self.count,
@@ -92,7 +94,13 @@ class TrainedCriterion:
 
     def scores(self, values: dict[str, torch.Tensor], settings: dict, clean: DataLike, data,
                seconds: float) -> ChannelScores:
-        """The learned masks as :class:`ChannelScores`, with the full record of the run."""
+        """The learned masks as :class:`ChannelScores`, with the full record of the run; masks
+        that are not finite (the training overflowed) are refused, naming the layers."""
+        broken = [layer for layer, mask in values.items() if not torch.isfinite(mask).all()]
+        if broken:
+            raise BdpruningError(
+                f"{self.name.upper()}: the learned masks of {', '.join(broken)} are not finite (NaN or inf): the "
+                f"training overflowed, so no channel can be chosen from them; {self.overflow_hint}")
         record = {**settings, **self.shared_settings(), "data": data_name(clean),
                   "training_images": len(data.train_set), **TrainerOptions.of(self.trainer_options).to_json()}
         scores = mask_scores(self.name, values, self.threshold, self.count, record, seconds,

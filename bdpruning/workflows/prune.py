@@ -21,7 +21,7 @@ from typing import Sequence
 
 from torch import nn
 
-from ..criteria.base import Criterion
+from ..criteria.base import Criterion, check_settings
 from ..data.forms import as_image_data
 from ..data.hdf5 import H5ImageSet, read_h5_dataset
 from ..evaluation.predict import predict_labels
@@ -107,6 +107,8 @@ def prune_stage(
     model, clean, poisoned = load_inputs(model_path, clean_valid, poisoned_valid, "cpu" if distributed else device,
                                          model_options)
     where = f"{model_path} on {clean_valid}"
+    if criterion is not None:
+        check_settings(criterion, model)  # a bad setting is named before the data's fit
     if not allow_chance:
         check_first_look(model, clean, where)
     sweep = dict(full_sweep=full_sweep, batch_size=batch_size, tf32=tf32)

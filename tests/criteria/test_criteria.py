@@ -216,3 +216,11 @@ def test_a_criterions_choice_across_layers_compacts_exactly():
     with torch.no_grad():
         torch.testing.assert_close(compact(images), masked(images), rtol=0, atol=1e-12)
     assert compact.conv_a.out_channels == 6 - len(scores.selection()["conv_a"])
+
+
+def test_masks_that_overflow_are_refused_naming_the_layer_and_what_to_try():
+    """RNP unlearning at a rate of 1,000 overflows the planted net: its masks come out NaN, and
+    no channel may be chosen from them (the demo's DeepID did this at the authors' settings)."""
+    rnp = RNP(images=128, batch_size=64, unlearn_epochs=3, recover_epochs=2, unlearn_lr=1e3, trainer_options=CPU)
+    with pytest.raises(BdpruningError, match="masks of features are not finite .*--rnp-stop-per-batch"):
+        rnp.score(planted_net(), planted_data(128, seed=0))
