@@ -8,7 +8,10 @@ columns after a flatten) the layer's work is a small fraction of its cost: a con
 channel, a dense layer on one block of columns. Those layers are *updated*: their values are held
 per image for the whole chunk, and each step adds the change. A layer the change reaches spread
 over every channel, or a nonlinearity (ReLU, max pooling), and everything after it are
-*recomputed* from the updated values, on the images the step changes. All in float32.
+*recomputed* from the updated values, on the images the step changes. All in float32. The
+updated layers are linear in the pruned channel's values, so each channel has a map (built once,
+by pushing unit values through them) and one matrix product per step updates every kept value;
+layer by layer where the maps would exceed :data:`MAP_BYTES`.
 
 For DeepID split at ``pool_3``: ``fc_1`` and ``conv_4`` are updated from the pruned channel alone,
 and conv_4's ReLU, ``fc_2``, the sum, its ReLU and the output layer are recomputed: about a third
