@@ -26,7 +26,8 @@ addition per updated value, so their depth is ``N_k = N + k d`` (``d`` those per
 lie within ``delta_k = LAMBDA sqrt(N_k) u S``. Where the top-2 margin exceeds
 ``2 (delta + delta_k)``, both give the exact top-1; the other images are re-run through the
 float32 suffix exactly as before, so the labels are the split engine's. Suffixes with any other
-operation, a model whose logits cannot be read, or TF32 precision keep the plain split engine.
+operation, a model whose logits cannot be read, a model in another precision than float32, or
+TF32 precision keep the plain split engine.
 """
 
 from __future__ import annotations
@@ -464,10 +465,10 @@ def _fp32_exact() -> bool:
 
 
 def incremental_suffix(model: nn.Module, split_node: str) -> IncrementalSuffix | None:
-    """The :class:`IncrementalSuffix` after ``split_node`` when it applies (known operations up to
-    the logits, logits readable, IEEE float32 in force), else None."""
-    if not _fp32_exact():
-        return None
+    """The :class:`IncrementalSuffix` after ``split_node`` when it applies (a float32 model, known
+    operations up to the logits, logits readable, IEEE float32 in force), else None."""
+    if not _fp32_exact() or next(model.parameters()).dtype != torch.float32:
+        return None  # its bound is float32's; a float64 sweep re-runs its suffix
     try:
         logits = logits_model(model)
         if logits is None and model_info(model).outputs != "logits":

@@ -220,3 +220,12 @@ def test_incremental_sweep_on_the_demo_badnet(tmp_path):
     images = as_image_data(str(demo.clean_valid)).first_images(48)
     order = rank_channels(model, str(demo.clean_valid), "pool_3").order
     _check_exact(model, images, "conv_3", "pool_3", order)
+
+
+def test_a_float64_model_sweeps_by_re_running_its_suffix():
+    """The bound is float32's: a float64 model keeps the plain engine (and its own precision)."""
+    model = small_deepid(pruned=[]).eval().double()
+    assert SplitEngine(model, "conv_3", "pool_3").incremental is None
+    images = _digits_like(4, seed=7).double()
+    labels = _engine_labels(SplitEngine(model, "conv_3", "pool_3"), images, [0, 5, 9])
+    assert torch.equal(labels, _naive64(model, images, "conv_3", [0, 5, 9]).argmax(dim=-1))
