@@ -13,7 +13,9 @@ bdpruning's CPU inference uses (``CPU_BATCH``, 64); the DeepID module as loaded 
 float32 tensor; its fast inference form (:mod:`bdpruning.graph.fused`: fused conv+ReLU, NHWC)
 at both batches; the onnx2torch module as converted and in its fast form; ``predict_labels`` on
 the HDF5 set; the 60-step fast sweep (ranking included) on the HDF5 set. Ratios are to Keras'
-faster time, "one forward" is the fast form's faster time.
+faster time, "one forward" is the fast form's faster time; each ratio is printed as the ratio of
+the best times and as the median over the rounds of the ratio within a round (targets are judged
+on the median: a slow moment of a shared machine slows the runners of one round alike).
 
 GPU (when CUDA is present, at 11,547 and 115,470 images): the bare model's throughput on a
 float32 device tensor (NCHW and channels-last), ``predict_labels`` on the HDF5 set, the
