@@ -28,7 +28,7 @@ from torch import fx, nn
 
 from ..errors import BdpruningError
 from .ops import is_relu
-from .split import SplitModel
+from .split import SplitModel, per_image
 from .tracing import trace_model
 
 __all__ = ["CPU_BATCH", "FastModule", "fast_split", "in_cpu_batches", "inference_module"]
@@ -162,9 +162,5 @@ def in_cpu_batches(module, images: torch.Tensor):
     parts = [module(chunk) for chunk in images.split(CPU_BATCH)]
     if isinstance(parts[0], torch.Tensor):
         return torch.cat(parts)
-    return tuple(torch.cat([part[i] for part in parts]) if _per_image(value, CPU_BATCH)
+    return tuple(torch.cat([part[i] for part in parts]) if per_image(value, CPU_BATCH)
                  else value for i, value in enumerate(parts[0]))
-
-
-def _per_image(value, count: int) -> bool:
-    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == count

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import fx, nn
 
 from ..errors import BdpruningError
@@ -16,7 +17,7 @@ from .layers import find_layer
 from .ops import maps_zero_to_zero
 from .tracing import module_node, trace_model
 
-__all__ = ["SplitModel", "check_fed_by", "split_at", "zero_preserving_path"]
+__all__ = ["SplitModel", "check_fed_by", "per_image", "split_at", "zero_preserving_path"]
 
 @dataclass
 class SplitModel:
@@ -26,6 +27,12 @@ class SplitModel:
     suffix: fx.GraphModule
     node_name: str
     channels_last: bool = False  # whether the prefix wants NHWC input (see bdpruning.graph.fused)
+
+
+def per_image(value: object, count: int) -> bool:
+    """Whether ``value`` (one of a batch's prefix outputs) holds one entry per image of a batch
+    of ``count``, rather than a value shared by all of them."""
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == count
 
 
 def _reaches(source: fx.Node, target: fx.Node) -> bool:

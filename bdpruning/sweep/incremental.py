@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..errors import BdpruningError
-from ..graph.split import split_at
+from ..graph.split import per_image, split_at
 from ..models.outputs import logits_model
 from ..models.record import model_info
 from ..numerics.roundoff import LAMBDA, UNIT_ROUNDOFF, accumulation_depth
@@ -361,7 +361,7 @@ class IncrementalSuffix:
             if arg in values:
                 return values[arg]
             value = state[arg]
-            if self.kinds[arg] == UPDATED or isinstance(value, torch.Tensor) and value.dim() and len(value) == n:
+            if self.kinds[arg] == UPDATED or per_image(value, n):
                 return value[rows]
             return value
 
@@ -441,8 +441,7 @@ class IncrementalSuffix:
         """Whether the incremental path is estimated cheaper than re-running the float32 suffix
         (at most :data:`WORTH` of its cost; judged once, on one image of ``values``)."""
         if self._worth is None:
-            one = tuple(v[:1] if isinstance(v, torch.Tensor) and v.dim() and len(v) == len(values[0]) else v
-                        for v in values)
+            one = tuple(v[:1] if per_image(v, len(values[0])) else v for v in values)
             self._worth = self.cost_ratio(one) <= WORTH
         return self._worth
 

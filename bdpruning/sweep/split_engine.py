@@ -22,7 +22,7 @@ from ..data.feed import model_batches
 from ..data.forms import DataLike, ImageData, as_image_data
 from ..graph.fused import fast_split, in_cpu_batches
 from ..graph.layers import find_layer
-from ..graph.split import SplitModel, split_at, zero_preserving_path
+from ..graph.split import SplitModel, per_image, split_at, zero_preserving_path
 from ..numerics.precision import runs_in_precision_context
 from ..pruning.masks import following_batchnorm
 from .incremental import IncrementalSuffix, incremental_suffix
@@ -46,10 +46,6 @@ def split_for(model: nn.Module, layer: str, rank_layer: str | None = None) -> Sp
     return fast_split(split_at(model, masked_end))
 
 
-def _batched(values: Sequence, n: int) -> list[bool]:
-    return [isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n for v in values]
-
-
 def chunk_predictions(suffix: nn.Module, values: tuple, order: Sequence[int],
                       incremental: IncrementalSuffix | None = None, force: bool = False) -> Iterator[torch.Tensor]:
     """Yield the top-1 labels of one chunk of prefix outputs at step 0 (nothing pruned), then
@@ -60,7 +56,7 @@ def chunk_predictions(suffix: nn.Module, values: tuple, order: Sequence[int],
     ``suffix`` (always with ``force``)."""
     value, others = values[0], values[1:]
     n = value.shape[0]
-    batched = _batched(others, n)
+    batched = [per_image(o, n) for o in others]
 
     def rerun(active: torch.Tensor) -> torch.Tensor:
         rows = [o[active] if b else o for o, b in zip(others, batched)]
